@@ -241,12 +241,17 @@ def dynamic_subset_tuning(
       & (keys >= _selection.silo_values_for_leaf(previous_threshold, leaf, keys.ndim))
       for keys, leaf in zip(previous_keys, layout.leaves, strict=True)
     ]
-    num_entered = _selection.count_per_silo(
-      list(zip(selection.masks, was_member)), layout, lambda pair, _: pair[0] & ~pair[1]
-    )
-    num_exited = _selection.count_per_silo(
-      list(zip(selection.masks, was_member)), layout, lambda pair, _: pair[1] & ~pair[0]
-    )
+    entered = [
+      None if keep is None else keep & ~member
+      for keep, member in zip(selection.masks, was_member, strict=True)
+    ]
+    exited = [
+      None if keep is None else member & ~keep
+      for keep, member in zip(selection.masks, was_member, strict=True)
+    ]
+    count_true = lambda flags, _: flags
+    num_entered = _selection.count_per_silo(entered, layout, count_true)
+    num_exited = _selection.count_per_silo(exited, layout, count_true)
 
     new_updates = [
       u if keep is None else jnp.where(keep, u, s.astype(u.dtype) - p.astype(u.dtype))
