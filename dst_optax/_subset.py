@@ -164,11 +164,11 @@ def changed_indices(seed: Any, params: Any) -> np.ndarray:
   return np.flatnonzero(seed_bits != param_bits).astype(np.int32)
 
 
-def _distance_name(distance: str | _distances.DistanceFn) -> str:
+def distance_description(distance: str | _distances.DistanceFn) -> str:
   return distance if isinstance(distance, str) else getattr(distance, "__name__", repr(distance))
 
 
-def _silos_name(silos: _silos.Silos) -> str:
+def silos_description(silos: _silos.Silos) -> str:
   if isinstance(silos, (_silos.PerTensor, _silos.PerSlice, _silos.Group, _silos.Unconstrained)):
     return repr(silos)
   if callable(silos):
@@ -301,7 +301,10 @@ def extract_subset(
     for path, budget in zip(seed_leaves, budgets, strict=True)
   }
   return Subset(
-    tensors, float(fraction_of_free_params), _silos_name(silos), _distance_name(distance)
+    tensors,
+    float(fraction_of_free_params),
+    silos_description(silos),
+    distance_description(distance),
   )
 
 

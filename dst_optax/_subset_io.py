@@ -298,25 +298,29 @@ def file_summary(file: str | os.PathLike) -> dict[str, Any]:
   """Sizes of a subset file: bytes on disk, stored coordinates, and the ideal.
 
   Returns:
-    ``file_bytes``, ``num_sparse`` (changed coordinates of sparse tensors),
-    ``sparse_bytes`` (their index and value bytes in the file), ``ideal_bytes``
-    (4-byte index plus value per changed coordinate), ``dense_bytes`` and
-    ``bytes_per_free_param`` (``sparse_bytes / num_sparse``).
+    ``file_bytes``; ``tensor_bytes``, per tensor path the bytes of its index and
+    value tensors; ``num_sparse``, changed coordinates of sparse tensors;
+    ``sparse_bytes``, their index and value bytes; ``ideal_bytes``, a 4-byte index
+    plus the value per changed coordinate; ``dense_bytes``; and
+    ``bytes_per_free_param``, ``sparse_bytes / num_sparse``.
   """
   metadata, arrays = _read(file)
   entries = json.loads(metadata.get("tensors", "[]"))
+  tensor_bytes = {}
   num_sparse = sparse_bytes = ideal_bytes = dense_bytes = 0
   for entry in entries:
-    values = arrays[f"{entry['name']}.values"]
+    names = [f"{entry['name']}.{suffix}" for suffix in ("values", "indices", "index_deltas")]
+    tensor_bytes[entry["path"]] = sum(arrays[name].nbytes for name in names if name in arrays)
+    values = arrays[names[0]]
     if entry["encoding"] == _DENSE:
       dense_bytes += values.nbytes
-      continue
-    index_name = "indices" if entry["encoding"] == "raw" else "index_deltas"
-    num_sparse += values.size
-    sparse_bytes += values.nbytes + arrays[f"{entry['name']}.{index_name}"].nbytes
-    ideal_bytes += values.size * (4 + values.itemsize)
+    else:
+      num_sparse += values.size
+      sparse_bytes += tensor_bytes[entry["path"]]
+      ideal_bytes += values.size * (np.dtype(np.int32).itemsize + values.itemsize)
   return {
     "file_bytes": os.path.getsize(file),
+    "tensor_bytes": tensor_bytes,
     "num_sparse": num_sparse,
     "sparse_bytes": sparse_bytes,
     "ideal_bytes": ideal_bytes,

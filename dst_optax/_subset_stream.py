@@ -1,0 +1,312 @@
+"""Subset extraction that streams checkpoints leaf by leaf.
+
+:func:`extract_subset_streaming` reads one tensor of the seed and one of the
+fine-tuned checkpoint at a time, so two large checkpoints never sit in memory
+together. Silos inside one tensor (per tensor, per slice) are selected with
+:func:`dst_optax.project_to_budget` on that tensor alone, which is the same
+selection as on the whole tree. Silos shared by several tensors (``Group``,
+``Global``) keep a running top-k of candidates across their tensors (O(k)
+memory), ordered like the in-memory selection: by distance, then by position in
+silo order (leaf flattening order, then row-major), lowest first.
+
+Checkpoints are read through a :class:`ParamSource`; this module provides one
+for safetensors files and :mod:`dst_optax._subset_orbax` one for Orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from dst_optax import _distances, _selection, _silos
+from dst_optax._subset import (
+  LeafBudget,
+  Subset,
+  SubsetError,
+  TensorSubset,
+  distance_description,
+  leaf_budgets,
+  named_leaves,
+  silos_description,
+  tensor_fingerprint,
+  tensor_subset,
+)
+from dst_optax._transform import project_to_budget
+
+# safetensors dtype codes.
+_SAFETENSORS_DTYPES = {
+  "BOOL": np.dtype(bool),
+  "U8": np.dtype(np.uint8),
+  "I8": np.dtype(np.int8),
+  "I16": np.dtype(np.int16),
+  "U16": np.dtype(np.uint16),
+  "I32": np.dtype(np.int32),
+  "U32": np.dtype(np.uint32),
+  "I64": np.dtype(np.int64),
+  "U64": np.dtype(np.uint64),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F32": np.dtype(np.float32),
+  "F64": np.dtype(np.float64),
+}
+
+
+class ParamSource(NamedTuple):
+  """A parameter checkpoint that can be read one tensor at a time.
+
+  Attributes:
+    abstract: the parameter tree with ``jax.ShapeDtypeStruct`` leaves.
+    read: ``path -> np.ndarray``, the tensor at an ``a/b/c`` path of ``abstract``.
+    description: where the checkpoint is, for messages.
+  """
+
+  abstract: Any
+  read: Callable[[str], np.ndarray]
+  description: str
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested dicts from ``a/b/c`` names, so that silo and mask trees see the model's tree.
+
+  Raises:
+    SubsetError: if a name is both a leaf and a prefix of another name.
+  """
+  tree: dict[str, Any] = {}
+  for name, leaf in flat.items():
+    *parents, last = name.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise SubsetError(f"tensor name {name!r} extends the name of another tensor")
+    if last in node:
+      raise SubsetError(f"tensor name {name!r} is also the prefix of other tensor names")
+    node[last] = leaf
+  return tree
+
+
+def safetensors_source(file: str | os.PathLike) -> ParamSource:
+  """A :class:`ParamSource` over a safetensors file of parameters.
+
+  Tensor names are ``a/b/c`` paths (as :func:`save_params` writes them); the
+  abstract tree nests them, so silo and mask trees written for the model fit.
+
+  Raises:
+    FileNotFoundError, SubsetError: missing or unreadable file.
+  """
+  file = os.fspath(file)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"parameter file {file!r} does not exist")
+  try:
+    with safetensors.safe_open(file, framework="numpy") as reader:
+      abstract = {}
+      for name in reader.keys():  # noqa: SIM118
+        tensor_slice = reader.get_slice(name)
+        dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+        if dtype is None:
+          raise SubsetError(
+            f"tensor {name!r} of {file!r} has dtype {tensor_slice.get_dtype()}, which "
+            "dst_optax does not read"
+          )
+        abstract[name] = jax.ShapeDtypeStruct(tuple(tensor_slice.get_shape()), dtype)
+  except (safetensors.SafetensorError, OSError) as error:
+    raise SubsetError(f"{file!r} is not a readable safetensors file ({error})") from None
+
+  def read(path: str) -> np.ndarray:
+    with safetensors.safe_open(file, framework="numpy") as reader:
+      return reader.get_tensor(path)
+
+  return ParamSource(nest(abstract), read, file)
+
+
+def save_params(params: Any, file: str | os.PathLike) -> int:
+  """Writes a parameter tree to a safetensors file with ``a/b/c`` tensor names.
+
+  Returns:
+    The number of bytes written.
+  """
+  leaves = {path: np.ascontiguousarray(leaf) for path, leaf in named_leaves(params).items()}
+  safetensors.numpy.save_file(leaves, os.fspath(file))
+  return os.path.getsize(file)
+
+
+def load_params(source: ParamSource) -> dict[str, Any]:
+  """Reads every tensor of a source into its (nested) tree."""
+  return jax.tree_util.tree_map_with_path(
+    lambda key_path, _: source.read(_silos.path_name(key_path)), source.abstract
+  )
+
+
+class _Candidates(NamedTuple):
+  """The running top-k of one shared silo, in silo order.
+
+  Attributes:
+    keys: uint32 distance keys.
+    leaf: int32 position of the tensor in flattening order.
+    flat: int64 flat position inside the tensor.
+    new_bits: uint64 bit pattern of the fine-tuned value.
+    seed_bits: uint64 bit pattern of the seed value.
+  """
+
+  keys: np.ndarray
+  leaf: np.ndarray
+  flat: np.ndarray
+  new_bits: np.ndarray
+  seed_bits: np.ndarray
+
+
+def _no_candidates() -> _Candidates:
+  empty = lambda dtype: np.zeros(0, dtype)
+  return _Candidates(
+    empty(np.uint32), empty(np.int32), empty(np.int64), empty(np.uint64), empty(np.uint64)
+  )
+
+
+def _top_k_positions(keys: np.ndarray, k: int) -> np.ndarray:
+  """Sorted positions of the ``k`` largest positive keys, ties to the lowest position."""
+  k = min(k, int(np.count_nonzero(keys)))
+  if k == 0:
+    return np.zeros(0, np.int64)
+  threshold = np.partition(keys, keys.size - k)[keys.size - k]
+  above = np.flatnonzero(keys > threshold)
+  tied = np.flatnonzero(keys == threshold)[: k - above.size]
+  return np.sort(np.concatenate([above, tied]))
+
+
+def _flat_bits(array: np.ndarray) -> np.ndarray:
+  flat = np.ascontiguousarray(array).reshape(-1)
+  return flat.view(np.dtype(f"u{flat.dtype.itemsize}")).astype(np.uint64)
+
+
+def _merge(
+  candidates: _Candidates,
+  leaf_position: int,
+  keys: np.ndarray,
+  seed: np.ndarray,
+  finetuned: np.ndarray,
+  budget: int,
+) -> _Candidates:
+  """Adds one tensor's best coordinates to a shared silo's running top-k."""
+  flat = _top_k_positions(keys.reshape(-1), budget)
+  merged = _Candidates(
+    np.concatenate([candidates.keys, keys.reshape(-1)[flat]]),
+    np.concatenate([candidates.leaf, np.full(flat.size, leaf_position, np.int32)]),
+    np.concatenate([candidates.flat, flat]),
+    np.concatenate([candidates.new_bits, _flat_bits(finetuned)[flat]]),
+    np.concatenate([candidates.seed_bits, _flat_bits(seed)[flat]]),
+  )
+  # Earlier tensors come first, so positions in ``merged`` follow silo order.
+  keep = _top_k_positions(merged.keys, budget)
+  return _Candidates(*(field[keep] for field in merged))
+
+
+def _shared_tensor(
+  candidates: _Candidates,
+  leaf_position: int,
+  abstract: jax.ShapeDtypeStruct,
+  budget: LeafBudget,
+  fingerprint: str,
+) -> TensorSubset:
+  """The tensor's part of a finished shared silo selection."""
+  mine = (candidates.leaf == leaf_position) & (candidates.new_bits != candidates.seed_bits)
+  dtype = np.dtype(abstract.dtype)
+  values = candidates.new_bits[mine].astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
+  return TensorSubset(
+    candidates.flat[mine].astype(np.int32),
+    values,
+    tuple(abstract.shape),
+    budget.budget,
+    budget.silo,
+    fingerprint,
+  )
+
+
+def _check_sources(seed: ParamSource, finetuned: ParamSource) -> dict[str, Any]:
+  """The abstract leaves by path, after checking both sources agree on them."""
+  seed_leaves = named_leaves(seed.abstract)
+  finetuned_leaves = named_leaves(finetuned.abstract)
+  if seed_leaves.keys() != finetuned_leaves.keys():
+    raise SubsetError(
+      f"{finetuned.description!r} does not have the leaves of the seed {seed.description!r}: "
+      f"missing {sorted(seed_leaves.keys() - finetuned_leaves.keys())}, unexpected "
+      f"{sorted(finetuned_leaves.keys() - seed_leaves.keys())}"
+    )
+  for path, leaf in seed_leaves.items():
+    other = finetuned_leaves[path]
+    if (leaf.shape, leaf.dtype) != (other.shape, other.dtype):
+      raise SubsetError(
+        f"leaf {path!r} has shape {tuple(other.shape)} and dtype {other.dtype} in "
+        f"{finetuned.description!r} but shape {tuple(leaf.shape)} and dtype {leaf.dtype} in "
+        f"the seed {seed.description!r}"
+      )
+  return finetuned_leaves
+
+
+def extract_subset_streaming(
+  seed: ParamSource,
+  finetuned: ParamSource,
+  fraction_of_free_params: float,
+  silos: _silos.Silos = _silos.PerTensor(),
+  distance: str | _distances.DistanceFn = "absolute",
+  mask: Any = None,
+) -> Subset:
+  """:func:`dst_optax.extract_subset` reading one tensor pair at a time.
+
+  Args:
+    seed: the seed checkpoint.
+    finetuned: the fine-tuned checkpoint (same leaves, shapes and dtypes).
+    fraction_of_free_params, silos, distance, mask: as in training; ``silos`` and
+      ``mask`` see the abstract tree (shapes and dtypes, no values).
+
+  Returns:
+    The same :class:`Subset` as :func:`dst_optax.extract_subset` on the loaded
+    trees.
+  """
+  abstract_leaves = _check_sources(seed, finetuned)
+  layout = _silos.build_layout(finetuned.abstract, silos, mask)
+  specs = _silos._spec_per_leaf(silos, finetuned.abstract)
+  budgets = leaf_budgets(finetuned.abstract, fraction_of_free_params, silos, mask)
+  offsets = [leaf.offset for leaf in layout.leaves if leaf is not None]
+  shared = {offset for offset in offsets if offsets.count(offset) > 1}
+  distance_fn = _distances.resolve_distance(distance)
+  candidates = {offset: _no_candidates() for offset in shared}
+  fingerprints: dict[str, str] = {}
+  tensors: dict[str, TensorSubset | None] = {}
+  for position, (path, leaf, spec, budget) in enumerate(
+    zip(abstract_leaves, layout.leaves, specs, budgets, strict=True)
+  ):
+    seed_leaf, finetuned_leaf = seed.read(path), finetuned.read(path)
+    if leaf is None or leaf.offset not in shared:
+      projected = finetuned_leaf
+      if leaf is not None:
+        projected = project_to_budget(
+          {path: finetuned_leaf}, {path: seed_leaf}, fraction_of_free_params, spec, distance
+        )[path]
+      tensors[path] = tensor_subset(path, seed_leaf, projected, budget)
+      continue
+    keys = np.asarray(_selection.distance_keys(distance_fn(seed_leaf, finetuned_leaf, seed_leaf)))
+    candidates[leaf.offset] = _merge(
+      candidates[leaf.offset], position, keys, seed_leaf, finetuned_leaf, budget.budget
+    )
+    fingerprints[path] = tensor_fingerprint(seed_leaf)
+    tensors[path] = None
+  for position, (path, leaf, budget) in enumerate(
+    zip(abstract_leaves, layout.leaves, budgets, strict=True)
+  ):
+    if tensors[path] is None:
+      tensors[path] = _shared_tensor(
+        candidates[leaf.offset], position, abstract_leaves[path], budget, fingerprints[path]
+      )
+  return Subset(
+    tensors,
+    float(fraction_of_free_params),
+    silos_description(silos),
+    distance_description(distance),
+  )
