@@ -253,9 +253,15 @@ def dynamic_subset_tuning(
     num_entered = _selection.count_per_silo(entered, layout, count_true)
     num_exited = _selection.count_per_silo(exited, layout, count_true)
 
+    # A proposal that already equals the seed keeps its update: it lands on the
+    # seed exactly, where the reset's arithmetic could round.
     new_updates = [
-      u if keep is None else jnp.where(keep, u, s.astype(u.dtype) - p.astype(u.dtype))
-      for u, p, s, keep in zip(leaves_u, leaves_p, leaves_s, selection.masks, strict=True)
+      u
+      if keep is None
+      else jnp.where(keep | (proposal == s), u, s.astype(u.dtype) - p.astype(u.dtype))
+      for u, p, s, proposal, keep in zip(
+        leaves_u, leaves_p, leaves_s, proposals, selection.masks, strict=True
+      )
     ]
     new_state = DynamicSubsetTuningState(
       count=optax.safe_increment(state.count),

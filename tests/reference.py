@@ -84,5 +84,7 @@ def dst_step(
   new_params = []
   for p, u, s, proposal, keep in zip(params, updates, seeds, proposals, masks, strict=True):
     reset = s.astype(u.dtype) - p.astype(u.dtype)
-    new_params.append(np.where(keep, proposal, (p + reset).astype(p.dtype)))
+    # A proposal already on the seed keeps its update (and so lands on it exactly).
+    keep_update = keep | (proposal == s)
+    new_params.append(np.where(keep_update, proposal, (p + reset).astype(p.dtype)))
   return new_params, masks
