@@ -1,6 +1,7 @@
 """dst_optax: Dynamic Subset Tuning (Stahlberg, Lichtarge, Kumar 2024) for optax."""
 
 from dst_optax._distances import absolute_distance, relative_distance
+from dst_optax._groups import layer_groups, layer_index_from_path
 from dst_optax._silos import (
   Global,
   Group,
@@ -30,6 +31,8 @@ __all__ = (
   "columns",
   "dynamic_subset_tuning",
   "find_state",
+  "layer_groups",
+  "layer_index_from_path",
   "project_to_budget",
   "relative_distance",
   "rows",
