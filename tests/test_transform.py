@@ -147,6 +147,11 @@ def test_budget_and_exactness_over_many_steps(spec_kind, dtype, fraction, seed):
   ]
   history = run_dst(seeds, updates_per_step, specs, fraction)
   silos = reference.silo_coordinates(SHAPES, specs)
+  project = jax.jit(
+    lambda leaves: dst_optax.project_to_budget(
+      as_tree(leaves), as_tree(seeds), fraction, silos=as_tree(specs)
+    )
+  )
   previous = seeds
   previous_masks = None
   for updates, (params, _) in zip(updates_per_step, history, strict=True):
@@ -162,14 +167,7 @@ def test_budget_and_exactness_over_many_steps(spec_kind, dtype, fraction, seed):
         stayed_out = ~keep & ~kept_before
         np.testing.assert_array_equal(p[stayed_out], s[stayed_out])
     # The materialised model never exceeds any silo's budget, bit-exactly.
-    projected = from_tree(
-      dst_optax.project_to_budget(
-        as_tree([jnp.asarray(p) for p in params]),
-        as_tree([jnp.asarray(s) for s in seeds]),
-        fraction,
-        silos=as_tree(specs),
-      )
-    )
+    projected = from_tree(project(params))
     changed = [
       (p.view(np.uint8) != s.view(np.uint8)).reshape((*p.shape, -1)).any(-1)
       for p, s in zip(projected, seeds, strict=True)
