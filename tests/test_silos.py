@@ -1,0 +1,83 @@
+"""Tests of silo specs and their layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dst_optax
+from dst_optax import _silos
+
+PARAMS = {"a": jnp.zeros((4, 6)), "b": jnp.zeros(5), "ids": jnp.zeros(3, jnp.int32)}
+
+
+def test_per_tensor_rows_columns_sizes():
+  layout = _silos.build_layout(
+    PARAMS, {"a": dst_optax.rows(), "b": dst_optax.PerTensor(), "ids": dst_optax.PerTensor()}
+  )
+  assert layout.silo_sizes.tolist() == [6, 6, 6, 6, 5]
+  assert layout.leaves[0] == _silos.LeafSilos(axis=0, offset=0, num_silos=4)
+  assert layout.leaves[2] is None  # integer leaves pass through
+  layout = _silos.build_layout(
+    PARAMS, lambda path, leaf: dst_optax.columns() if leaf.ndim == 2 else dst_optax.PerTensor()
+  )
+  assert layout.silo_sizes.tolist() == [4] * 6 + [5]
+
+
+def test_groups_share_one_silo_and_budget():
+  layout = _silos.build_layout(PARAMS, dst_optax.Global())
+  assert layout.silo_sizes.tolist() == [29] and layout.shared
+  budgets = layout.budgets(0.1)
+  assert budgets.tolist() == [2]
+
+
+def test_budget_scale_and_cap():
+  layout = _silos.build_layout(
+    PARAMS,
+    {
+      "a": dst_optax.PerTensor(budget_scale=3.0),
+      "b": dst_optax.PerTensor(),
+      "ids": dst_optax.Unconstrained(),
+    },
+  )
+  assert layout.budgets(0.5).tolist() == [24, 2]
+
+
+def test_traced_fraction_gives_the_same_budgets():
+  layout = _silos.build_layout(PARAMS, dst_optax.rows(), mask={"a": True, "b": False, "ids": False})
+  traced = jax.jit(layout.budgets)(jnp.float32(0.5))
+  np.testing.assert_array_equal(traced, layout.budgets(0.5))
+
+
+def test_group_scale_conflict_and_bad_scale_name_the_leaf():
+  specs = {
+    "a": dst_optax.Group("g", 1.0),
+    "b": dst_optax.Group("g", 2.0),
+    "ids": dst_optax.PerTensor(),
+  }
+  with pytest.raises(ValueError, match="leaf 'b' puts budget_scale=2.0 on group 'g'"):
+    _silos.build_layout(PARAMS, specs)
+  with pytest.raises(ValueError, match="leaf 'a' must be > 0"):
+    _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=-1.0))
+
+
+def test_spec_tree_and_mask_must_match_the_params():
+  with pytest.raises(ValueError, match="`silos` must be a silo spec"):
+    _silos.build_layout(PARAMS, {"a": dst_optax.rows(), "zzz": dst_optax.PerTensor()})
+  with pytest.raises(ValueError, match="`mask` must match"):
+    _silos.build_layout(PARAMS, dst_optax.PerTensor(), mask={"a": True})
+
+
+def test_frozen_silo_report_names_leaves():
+  layout = _silos.build_layout(
+    PARAMS, {"a": dst_optax.rows(), "b": dst_optax.PerTensor(), "ids": dst_optax.Unconstrained()}
+  )
+  report = layout.frozen_silo_report(0.1)
+  assert "a (4/4 silos)" in report and "b (1/1 silos)" in report
+  assert layout.frozen_silo_report(0.5) is None
+
+
+def test_path_names():
+  tree = {"layer": [{"w": 1}], "x": 2}
+  names = [_silos.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  assert names == ["layer/0/w", "x"]

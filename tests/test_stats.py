@@ -1,0 +1,35 @@
+"""Tests of subset statistics."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import dst_optax
+
+
+def test_stats_found_inside_wrappers():
+  params = {"w": jnp.arange(10.0)}
+  tx = optax.MultiSteps(
+    optax.chain(optax.sgd(1.0), optax.inject_hyperparams(dst_optax.dynamic_subset_tuning)(0.3)), 1
+  )
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.arange(10.0)}, state, params)
+  stats = dst_optax.subset_stats(state)
+  assert {k: int(v) for k, v in stats.items() if k != "churn"} == {
+    "step": 1,
+    "changed": 3,
+    "budget": 3,
+    "entered": 3,
+    "exited": 0,
+    "frozen_silos": 0,
+  }
+  assert float(stats["churn"]) == 1.0
+
+
+def test_find_state_errors():
+  with pytest.raises(ValueError, match="found 0"):
+    dst_optax.find_state(optax.adam(1.0).init({"w": jnp.ones(2)}))
+  params = {"w": jnp.ones(2)}
+  both = optax.chain(dst_optax.dynamic_subset_tuning(0.5), dst_optax.dynamic_subset_tuning(0.5))
+  with pytest.raises(ValueError, match="found 2"):
+    dst_optax.find_state(both.init(params))
