@@ -11,26 +11,41 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# Modules that each define ``register(subparsers)``; the registered sub-parser sets
-# ``func(args) -> int`` as its default.
-_COMMAND_MODULES = (
-  "dst_optax._subset_cli",
-  "dst_optax.demo._cli",
-)
+# Command -> (module defining ``register(subparsers)``, the extra its dependencies come from).
+# The registered sub-parser sets ``func(args) -> int`` as its default.
+_COMMANDS = {
+  "subset": ("dst_optax._subset_cli", None),
+  "demo": ("dst_optax.demo._cli", "demo"),
+}
+
+
+def _register_missing(subparsers, command: str, extra: str | None, missing: str) -> None:
+  """Registers ``command`` as a stub explaining which optional dependency is missing."""
+  install = f'pip install "dst_optax[{extra}]"' if extra else "pip install dst_optax"
+  parser = subparsers.add_parser(command, help=f"(unavailable: needs {missing})")
+  parser.add_argument("args", nargs=argparse.REMAINDER)
+
+  def explain(args: argparse.Namespace) -> int:
+    del args
+    print(f"dst-optax {command}: the module {missing!r} is not installed; run: {install}")
+    return 2
+
+  parser.set_defaults(func=explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """Returns the argument parser with every available command group registered."""
+  """Returns the argument parser with every command group registered."""
   parser = argparse.ArgumentParser(
     prog="dst-optax", description="Dynamic Subset Tuning for optax: tools and demo."
   )
   subparsers = parser.add_subparsers(dest="command", required=True)
-  for module_name in _COMMAND_MODULES:
+  for command, (module_name, extra) in _COMMANDS.items():
     try:
       module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-      if not module_name.startswith(error.name or "\0"):
+      if (error.name or "").startswith("dst_optax"):
         raise
+      _register_missing(subparsers, command, extra, error.name or str(error))
       continue
     module.register(subparsers)
   return parser
