@@ -11,7 +11,7 @@ import dst_optax
 from dst_optax.demo import _baselines, _bert
 
 TINY = _bert.BertConfig(
-  vocab_size=40, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=16, max_positions=32
+  vocab_size=40, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, max_positions=32
 )
 
 

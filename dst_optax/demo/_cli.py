@@ -38,11 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     help="baseline trained at the budget matched to DST's (LoRA rank, prompt length)",
   )
   parser.add_argument("--steps", type=int, default=100, help="optimizer steps per method")
-  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--batch-size", type=int, default=16, help="training sentences per step")
   parser.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
-  parser.add_argument("--learning-rate", type=float, help="DST's rate (default: method default)")
-  parser.add_argument("--baseline-learning-rate", type=float, help="the baseline's rate")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=_baselines.DEFAULT_LEARNING_RATES["dst"],
+    help="DST's AdamW learning rate",
+  )
+  rates = ", ".join(f"{name} {rate:g}" for name, rate in _baselines.DEFAULT_LEARNING_RATES.items())
+  parser.add_argument(
+    "--baseline-learning-rate",
+    type=float,
+    default=argparse.SUPPRESS,
+    help=f"the baseline's learning rate (default per method: {rates})",
+  )
+  parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
   parser.add_argument(
     "--output-dir",
     type=pathlib.Path,
@@ -81,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
   results = [_train.zero_shot_result(pretrained, prototypes, test_split, config)]
   runs = [("dst", args.learning_rate)]
   if args.baseline != "none":
-    runs.append((args.baseline, args.baseline_learning_rate))
+    runs.append((args.baseline, getattr(args, "baseline_learning_rate", None)))
   for name, learning_rate in runs:
     method = _baselines.matched_method(
       name, pretrained.params, args.fraction, args.silos, learning_rate, args.seed
