@@ -23,14 +23,13 @@ def _register_missing(subparsers, command: str, extra: str | None, missing: str)
   """Registers ``command`` as a stub explaining which optional dependency is missing."""
   install = f'pip install "dst_optax[{extra}]"' if extra else "pip install dst_optax"
   parser = subparsers.add_parser(command, help=f"(unavailable: needs {missing})")
-  parser.add_argument("args", nargs=argparse.REMAINDER)
 
   def explain(args: argparse.Namespace) -> int:
     del args
     print(f"dst-optax {command}: the module {missing!r} is not installed; run: {install}")
     return 2
 
-  parser.set_defaults(func=explain)
+  parser.set_defaults(func=explain, ignores_arguments=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``dst-optax``; returns the process exit status."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, unknown = parser.parse_known_args(argv)
+  if unknown and not getattr(args, "ignores_arguments", False):
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   return int(args.func(args) or 0)
 
 
