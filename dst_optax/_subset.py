@@ -23,6 +23,7 @@ not depend on the seed's values, so only their shape and dtype are checked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -253,6 +254,36 @@ def _check_like(path: str, seed: Any, other: Any, what: str) -> None:
     )
 
 
+# project_to_budget compiled with its configuration static, so that extractions
+# with equal (hashable) configurations and shapes share one compilation.
+_PROJECT_TO_BUDGET = jax.jit(
+  project_to_budget, static_argnames=("fraction_of_free_params", "silos", "distance", "mask")
+)
+
+
+def projector(
+  fraction_of_free_params: float,
+  silos: _silos.Silos = _silos.PerTensor(),
+  distance: str | _distances.DistanceFn = "absolute",
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> Callable[[optax.Params, optax.Params], optax.Params]:
+  """A jit-compiled ``(params, seed) -> project_to_budget(params, seed, ...)``.
+
+  One compiled selection instead of dozens of eagerly dispatched passes.
+  """
+  configuration = {
+    "fraction_of_free_params": float(fraction_of_free_params),
+    "silos": silos,
+    "distance": distance,
+    "mask": mask,
+  }
+  try:
+    hash(tuple(configuration.values()))
+  except TypeError:  # spec or mask trees: compile for this configuration only
+    return jax.jit(functools.partial(project_to_budget, **configuration))
+  return functools.partial(_PROJECT_TO_BUDGET, **configuration)
+
+
 def extract_subset(
   seed: optax.Params,
   finetuned: optax.Params,
@@ -292,9 +323,8 @@ def extract_subset(
     )
   for path, seed_leaf in seed_leaves.items():
     _check_like(path, seed_leaf, finetuned_leaves[path], "fine-tuned")
-  projected = named_leaves(
-    project_to_budget(finetuned, seed, fraction_of_free_params, silos, distance, mask)
-  )
+  project = projector(fraction_of_free_params, silos, distance, mask)
+  projected = named_leaves(project(finetuned, seed))
   budgets = leaf_budgets(finetuned, fraction_of_free_params, silos, mask)
   tensors = {
     path: tensor_subset(path, seed_leaves[path], projected[path], budget)

@@ -34,11 +34,11 @@ from dst_optax._subset import (
   distance_description,
   leaf_budgets,
   named_leaves,
+  projector,
   silos_description,
   tensor_fingerprint,
   tensor_subset,
 )
-from dst_optax._transform import project_to_budget
 
 # safetensors dtype codes.
 _SAFETENSORS_DTYPES = {
@@ -278,6 +278,8 @@ def extract_subset_streaming(
   distance_fn = _distances.resolve_distance(distance)
   candidates = {offset: _no_candidates() for offset in shared}
   fingerprints: dict[str, str] = {}
+  # Per spec one compiled projection, reused by tensors of equal shape.
+  projectors: dict[_silos.SiloSpec, Callable[..., Any]] = {}
   tensors: dict[str, TensorSubset | None] = {}
   for position, (path, leaf, spec, budget) in enumerate(
     zip(abstract_leaves, layout.leaves, specs, budgets, strict=True)
@@ -286,9 +288,8 @@ def extract_subset_streaming(
     if leaf is None or leaf.offset not in shared:
       projected = finetuned_leaf
       if leaf is not None:
-        projected = project_to_budget(
-          {path: finetuned_leaf}, {path: seed_leaf}, fraction_of_free_params, spec, distance
-        )[path]
+        project = projectors.setdefault(spec, projector(fraction_of_free_params, spec, distance))
+        projected = project(finetuned_leaf, seed_leaf)
       tensors[path] = tensor_subset(path, seed_leaf, projected, budget)
       continue
     keys = np.asarray(_selection.distance_keys(distance_fn(seed_leaf, finetuned_leaf, seed_leaf)))
