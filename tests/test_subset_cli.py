@@ -1,0 +1,111 @@
+"""Tests of ``dst-optax subset ...``: the user's path from checkpoints to a rebuilt model."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from dst_optax import _cli, _subset, _subset_stream
+
+
+def bits(array) -> np.ndarray:
+  array = np.ascontiguousarray(np.asarray(array))
+  return array.view(np.dtype(f"u{array.dtype.itemsize}"))
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+  """Seed and two fine-tuned parameter files; the head is new in both."""
+  rng = np.random.default_rng(0)
+  seed = {
+    "encoder": {"kernel": rng.normal(size=(32, 16)).astype(np.float32)},
+    "head": rng.normal(size=(16, 2)).astype(np.float32),
+  }
+  files = {"seed": tmp_path / "seed.safetensors"}
+  _subset_stream.save_params(seed, files["seed"])
+  for task in ("a", "b"):
+    finetuned = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(x.dtype), seed)
+    files[task] = tmp_path / f"{task}.safetensors"
+    _subset_stream.save_params(finetuned, files[task])
+  return files
+
+
+def run(*args) -> int:
+  return _cli.main(["subset", *map(str, args)])
+
+
+def extract(checkpoints, task, output, *options) -> int:
+  return run(
+    "extract", checkpoints["seed"], checkpoints[task], "-o", output, "-e", "0.05",
+    "--unconstrained", "^head$", *options,
+  )  # fmt: skip
+
+
+def test_extract_inspect_apply_rebuilds_the_projection(tmp_path, checkpoints, capsys):
+  subset_file = tmp_path / "a.subset.safetensors"
+  assert extract(checkpoints, "a", subset_file) == 0
+  summary = capsys.readouterr().out
+  assert "ε = 0.05" in summary and "encoder/kernel" in summary and "dense" in summary
+  assert "bytes per changed coordinate" in summary
+  assert run("inspect", subset_file) == 0
+  assert "25 of 512 constrained coordinates" in capsys.readouterr().out
+  rebuilt_file = tmp_path / "rebuilt.safetensors"
+  assert run("apply", checkpoints["seed"], subset_file, "-o", rebuilt_file) == 0
+  rebuilt = _subset_stream.load_params(_subset_stream.safetensors_source(rebuilt_file))
+  seed = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints["seed"]))
+  finetuned = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints["a"]))
+  np.testing.assert_array_equal(bits(rebuilt["head"]), bits(finetuned["head"]))
+  changed = _subset.changed_indices(seed["encoder"]["kernel"], rebuilt["encoder"]["kernel"])
+  assert changed.size == 25
+  np.testing.assert_array_equal(
+    bits(rebuilt["encoder"]["kernel"].reshape(-1)[changed]),
+    bits(finetuned["encoder"]["kernel"].reshape(-1)[changed]),
+  )
+
+
+def test_compose_reports_overlaps(tmp_path, checkpoints, capsys):
+  for task in ("a", "b"):
+    assert extract(checkpoints, task, tmp_path / f"{task}.subset", "--silos", "rows") == 0
+  composed = tmp_path / "ab.subset"
+  assert run("compose", tmp_path / "a.subset", tmp_path / "b.subset", "-o", composed) == 0
+  output = capsys.readouterr().out
+  assert "head: " in output and "share 32 coordinates" in output
+  assert run("apply", checkpoints["seed"], composed, "-o", tmp_path / "ab.safetensors") == 0
+
+
+def test_wrong_seed_fails_with_a_clear_error(tmp_path, checkpoints, capsys):
+  subset_file = tmp_path / "a.subset"
+  assert extract(checkpoints, "a", subset_file) == 0
+  capsys.readouterr()
+  assert run("apply", checkpoints["b"], subset_file, "-o", tmp_path / "out.safetensors") == 2
+  error = capsys.readouterr().err
+  assert "'encoder/kernel' is not the tensor this subset was extracted against" in error
+
+
+@pytest.mark.parametrize(
+  ("arguments", "message"),
+  [
+    (("inspect", "{tmp}/missing.subset"), "does not exist"),
+    (("inspect", "{seed}"), "not a subset file"),
+    (("extract", "{seed}", "{tmp}/nope.safetensors", "-o", "{tmp}/x", "-e", "0.1"), "nope"),
+    (("apply", "{seed}", "{tmp}/garbage.subset", "-o", "{tmp}/x"), "not a readable safetensors"),
+  ],
+)
+def test_bad_inputs_exit_with_status_2_and_a_message(
+  tmp_path, checkpoints, capsys, arguments, message
+):
+  (tmp_path / "garbage.subset").write_bytes(b"garbage")
+  filled = [argument.format(tmp=tmp_path, seed=checkpoints["seed"]) for argument in arguments]
+  assert run(*filled) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_mismatched_shapes_fail_at_extraction(tmp_path, checkpoints, capsys):
+  _subset_stream.save_params(
+    {"encoder": {"kernel": np.zeros((16, 32), np.float32)}, "head": np.zeros((16, 2), np.float32)},
+    tmp_path / "other.safetensors",
+  )
+  checkpoints = {**checkpoints, "other": tmp_path / "other.safetensors"}
+  assert extract(checkpoints, "other", tmp_path / "x.subset") == 2
+  assert "'encoder/kernel' has shape (16, 32)" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""Tests of streaming extraction from safetensors files and Orbax checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dst_optax
+from dst_optax import _subset, _subset_stream
+
+SILOS = {
+  "per_tensor": dst_optax.PerTensor(),
+  "rows": dst_optax.rows(),
+  "global": dst_optax.Global(),
+  "groups": {
+    "encoder": dst_optax.Group("body"),
+    "bias": dst_optax.Group("body"),
+    "head": dst_optax.PerTensor(),
+  },
+}
+
+
+def head_free(params):
+  """Mask of the test model: the head is new, hence unconstrained (stored dense)."""
+  return {key: key != "head" for key in params}
+
+
+def make_model():
+  rng = np.random.default_rng(0)
+  seed = {
+    "encoder": {
+      "kernel": rng.normal(size=(16, 12)).astype(np.float32),
+      "ties": (rng.integers(-2, 3, size=(20,)) * 0.25).astype(np.float32),
+    },
+    "bias": rng.normal(size=(12,)).astype(ml_dtypes.bfloat16),
+    "head": rng.normal(size=(12, 2)).astype(np.float32),
+  }
+  # Steps of 0.25 make many distances tie, so tie-breaking across tensors is exercised.
+  finetuned = jax.tree.map(
+    lambda x: (x.astype(np.float32) + rng.integers(-2, 3, size=x.shape) * 0.25).astype(x.dtype),
+    seed,
+  )
+  return seed, finetuned
+
+
+def assert_same_subset(actual: _subset.Subset, expected: _subset.Subset) -> None:
+  assert list(actual.tensors) == list(expected.tensors)
+  for path, tensor in expected.tensors.items():
+    streamed = actual.tensors[path]
+    assert streamed[2:] == tensor[2:], path
+    if tensor.dense:
+      assert streamed.dense, path
+    else:
+      np.testing.assert_array_equal(streamed.indices, tensor.indices, err_msg=path)
+    np.testing.assert_array_equal(
+      streamed.values.view(np.uint8), tensor.values.view(np.uint8), err_msg=path
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(SILOS))
+def test_streaming_from_safetensors_equals_in_memory_extraction(tmp_path, kind):
+  seed, finetuned = make_model()
+  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_stream.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  streamed = _subset_stream.extract_subset_streaming(
+    _subset_stream.safetensors_source(tmp_path / "seed.safetensors"),
+    _subset_stream.safetensors_source(tmp_path / "finetuned.safetensors"),
+    0.2,
+    SILOS[kind],
+    mask=head_free,
+  )
+  expected = _subset.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
+  assert_same_subset(streamed, expected)
+
+
+def test_streaming_rejects_mismatched_checkpoints(tmp_path):
+  seed, finetuned = make_model()
+  finetuned["encoder"]["kernel"] = finetuned["encoder"]["kernel"][:, :5]
+  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_stream.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  with pytest.raises(_subset.SubsetError, match="'encoder/kernel' has shape"):
+    _subset_stream.extract_subset_streaming(
+      _subset_stream.safetensors_source(tmp_path / "seed.safetensors"),
+      _subset_stream.safetensors_source(tmp_path / "finetuned.safetensors"),
+      0.2,
+    )
+
+
+def test_params_file_round_trip_keeps_the_tree(tmp_path):
+  seed, _ = make_model()
+  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
+  loaded = _subset_stream.load_params(
+    _subset_stream.safetensors_source(tmp_path / "seed.safetensors")
+  )
+  assert jax.tree.structure(loaded) == jax.tree.structure(seed)
+  for path, leaf in _subset.named_leaves(seed).items():
+    np.testing.assert_array_equal(_subset.named_leaves(loaded)[path], leaf)
+
+
+@pytest.mark.parametrize("kind", ["per_tensor", "global"])
+def test_orbax_streaming_equals_in_memory_extraction(tmp_path, kind):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from dst_optax import _subset_orbax  # after the skip: it needs orbax
+
+  seed, finetuned = make_model()
+  checkpointer = ocp.PyTreeCheckpointer()
+  checkpointer.save(tmp_path / "seed", seed)
+  checkpointer.save(tmp_path / "finetuned", {"params": finetuned, "step": np.int32(7)})
+  streamed = _subset_orbax.extract_subset_from_orbax(
+    tmp_path / "seed",
+    tmp_path / "finetuned",
+    0.2,
+    SILOS[kind],
+    mask=head_free,
+    finetuned_item=("params",),
+  )
+  expected = _subset.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
+  assert_same_subset(streamed, expected)
+
+
+def test_orbax_reports_missing_items_and_directories(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from dst_optax import _subset_orbax  # after the skip: it needs orbax
+
+  seed, _ = make_model()
+  ocp.PyTreeCheckpointer().save(tmp_path / "seed", seed)
+  with pytest.raises(_subset.SubsetError, match="no item 'params'"):
+    _subset_orbax.orbax_source(tmp_path / "seed", ("params",))
+  with pytest.raises(FileNotFoundError, match="missing"):
+    _subset_orbax.orbax_source(tmp_path / "missing")
