@@ -56,6 +56,17 @@ def _open_source(path: str, item: str) -> ParamSource:
   return safetensors_source(path)
 
 
+def _fraction(text: str) -> float:
+  """argparse type of ε: a number in (0, 1]."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"ε must be a number in (0, 1]; got {text!r}") from None
+  if not 0.0 < value <= 1.0:
+    raise argparse.ArgumentTypeError(f"ε must lie in (0, 1]; got {value}")
+  return value
+
+
 def _fails_cleanly(command: Callable[[argparse.Namespace], int]):
   """Reports user errors (missing files, wrong seeds, bad files) as one line, status 2."""
 
@@ -209,7 +220,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   extract.add_argument("finetuned", help="fine-tuned params: .safetensors file or Orbax directory")
   extract.add_argument("-o", "--output", required=True, help="subset file to write")
   extract.add_argument(
-    "-e", "--fraction", type=float, required=True, help="ε, fraction of free params"
+    "-e", "--fraction", type=_fraction, required=True, help="ε, fraction of free params"
   )
   extract.add_argument("--silos", choices=sorted(_SILO_CHOICES), default="per-tensor")
   extract.add_argument("--distance", choices=("absolute", "relative"), default="absolute")

@@ -109,3 +109,11 @@ def test_mismatched_shapes_fail_at_extraction(tmp_path, checkpoints, capsys):
   checkpoints = {**checkpoints, "other": tmp_path / "other.safetensors"}
   assert extract(checkpoints, "other", tmp_path / "x.subset") == 2
   assert "'encoder/kernel' has shape (16, 32)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "abc"])
+def test_fraction_outside_unit_interval_is_a_usage_error(tmp_path, checkpoints, capsys, fraction):
+  with pytest.raises(SystemExit) as exit_info:
+    run("extract", checkpoints["seed"], checkpoints["a"], "-o", tmp_path / "x", "-e", fraction)
+  assert exit_info.value.code == 2
+  assert "ε must" in capsys.readouterr().err
