@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--max-length", type=int, default=48)
   parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
   parser.add_argument("--dry-run", action="store_true", help="list the grid and exit")
+  parser.add_argument(
+    "--table", action="store_true", help="print the recorded results as a Markdown table and exit"
+  )
   return parser.parse_args(argv)
 
 
@@ -103,10 +106,30 @@ def plot(records: list[dict[str, Any]], path: pathlib.Path) -> None:
   plt.close(figure)
 
 
+def markdown_table(records: list[dict[str, Any]]) -> str:
+  """The recorded runs as a Markdown table, sorted by method and budget."""
+  lines = [
+    "| method | free params | changed params | storage | accuracy | train time |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+  for r in sorted(
+    records, key=lambda r: (r["method"] != "zero-shot", r["method"], r["num_trainable"])
+  ):
+    lines.append(
+      f"| {r['label']} | {r['num_trainable']:,} | {r['num_changed']:,} | "
+      f"{r['storage_bytes'] / 1e3:,.1f} KB | {100 * r['accuracy']:.1f}% | "
+      f"{r['train_seconds']:.0f} s |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the missing part of the grid; returns the exit status."""
   args = parse_args(argv)
   grid = build_grid(args)
+  if args.table:
+    print(markdown_table(json.loads(args.output.read_text())))
+    return 0
   if args.dry_run:
     for run in grid:
       print(run)

@@ -74,7 +74,11 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
   """Runs the demo; returns the process exit status."""
   _check_args(args)
-  from dst_optax.demo import _baselines, _bert, _data, _fetch, _report, _train
+  try:
+    from dst_optax.demo import _baselines, _bert, _data, _fetch, _report, _train
+  except ModuleNotFoundError as error:
+    print(f'dst-optax demo needs {error.name}; install it with: pip install "dst_optax[demo]"')
+    return 2
 
   start = time.perf_counter()
   try:

@@ -51,10 +51,10 @@ def format_table(results: Sequence[_train.RunResult]) -> str:
 
 
 def plot_demo(results: Sequence[_train.RunResult], path: pathlib.Path) -> None:
-  """Saves training-loss curves and accuracy against free parameters side by side.
+  """Saves training-loss curves and test accuracies (with trainable params) side by side.
 
   Args:
-    results: runs to plot; a zero-shot run (no steps) is drawn as a horizontal line.
+    results: runs to plot; runs without steps (zero-shot) have no loss curve.
     path: image file to write (format from its suffix).
   """
   import matplotlib
@@ -63,24 +63,24 @@ def plot_demo(results: Sequence[_train.RunResult], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4))
-  for result in results:
+  for index, result in enumerate(results):  # Colour C{index} marks a run in both panels.
     if result.losses:
       window = max(1, len(result.losses) // 20)
       smoothed = [
-        sum(result.losses[max(0, i - window + 1) : i + 1])
-        / len(result.losses[max(0, i - window + 1) : i + 1])
+        sum(result.losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
         for i in range(len(result.losses))
       ]
-      loss_axes.plot(smoothed, label=result.label)
-      accuracy_axes.scatter(result.num_trainable, 100 * result.accuracy, label=result.label)
-    else:
-      accuracy_axes.axhline(100 * result.accuracy, color="gray", linestyle="--", label=result.label)
+      loss_axes.plot(smoothed, color=f"C{index}", label=result.label)
   loss_axes.set(xlabel="step", ylabel="training loss (moving average)", title="Training")
   loss_axes.legend()
+  labels = [f"{r.label}\n{r.num_trainable:,} params" for r in results]
+  accuracies = [100 * r.accuracy for r in results]
+  bars = accuracy_axes.barh(labels, accuracies, color=[f"C{i}" for i in range(len(results))])
+  accuracy_axes.bar_label(bars, fmt="%.1f%%", padding=3)
   accuracy_axes.set(
-    xscale="log", xlabel="trainable parameters", ylabel="test accuracy (%)", title="Movie sentiment"
+    xlim=(min(50.0, *accuracies), 100), xlabel="test accuracy (%)", title="Movie-review sentiment"
   )
-  accuracy_axes.legend()
+  accuracy_axes.invert_yaxis()
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
