@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from dst_optax import _distances, _selection, _silos
 
@@ -130,9 +129,10 @@ def _select(
   layout: _silos.SiloLayout,
   budgets: jax.Array,
   distance: _distances.DistanceFn,
+  previous_threshold: jax.Array | None = None,
 ) -> _selection.Selection:
   keys = _distance_keys(distance, layout, proposals, seeds)
-  return _selection.select_top_k(keys, layout, budgets)
+  return _selection.select_top_k(keys, layout, budgets, previous_threshold)
 
 
 def dynamic_subset_tuning(
@@ -219,7 +219,10 @@ def dynamic_subset_tuning(
         f"{layout.num_silos} for these params; was the state built for other params?"
       )
     budgets = layout.budgets(fraction_at(state.count))
-    seed_tree = lax.cond(state.count == 0, lambda: params, lambda: state.seed)
+    # An elementwise select (not lax.cond) fuses into the passes that read the
+    # seed instead of copying the whole tree every step.
+    first_step = state.count == 0
+    seed_tree = jax.tree.map(lambda p, s: jnp.where(first_step, p, s), params, state.seed)
 
     leaves_u, treedef = jax.tree.flatten(updates)
     leaves_p = treedef.flatten_up_to(params)
@@ -228,7 +231,8 @@ def dynamic_subset_tuning(
       (p + u).astype(p.dtype) if leaf is not None else p
       for p, u, leaf in zip(leaves_p, leaves_u, layout.leaves, strict=True)
     ]
-    selection = _select(proposals, leaves_s, layout, budgets, distance_fn)
+    # The last threshold is only a warm start: selection is exact from any start.
+    selection = _select(proposals, leaves_s, layout, budgets, distance_fn, state.threshold)
 
     # Membership before this step: kept coordinates sit exactly at their Δ from
     # the last selection, which is ≥ that step's threshold.
@@ -249,9 +253,9 @@ def dynamic_subset_tuning(
       None if keep is None else member & ~keep
       for keep, member in zip(selection.masks, was_member, strict=True)
     ]
-    count_true = lambda flags, _: flags
-    num_entered = _selection.count_per_silo(entered, layout, count_true)
-    num_exited = _selection.count_per_silo(exited, layout, count_true)
+    num_entered, num_exited = _selection.count_per_silo(
+      [None if e is None else (e, x) for e, x in zip(entered, exited, strict=True)], layout
+    )
 
     # A proposal that already equals the seed keeps its update: it lands on the
     # seed exactly, where the reset's arithmetic could round.

@@ -1,0 +1,286 @@
+"""Speed of silo-wise selection: adam + DST versus adam alone.
+
+Measures, in one process, median wall times of jitted optimizer updates on a
+T5-shaped parameter tree:
+
+* ``adam``: ``optax.adam(...).update`` alone (the unit of the ratios);
+* ``ours``: ``optax.chain(optax.adam(...), dst_optax.dynamic_subset_tuning(ε))``,
+  timed in steady state (the state comes from earlier steps, so the selection is
+  warm-started from the last threshold as in training);
+* ``quantile``: adam + DST with the paper's literal per-silo ``jnp.quantile``;
+* ``top_k``: adam + DST with ``lax.top_k`` per silo.
+
+Sizes: ~1M, ~16M and ~107M parameters; silos per tensor or per row; ε over
+``--fractions``. Prints a table of ratios to adam alone and writes JSON and a PNG.
+
+Run ``python benchmarks/selection.py --help`` for the subset flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dst_optax
+
+LEARNING_RATE = 1e-3
+WARMUP_STEPS = 3
+METHODS = ("ours", "quantile", "top_k")
+SILO_KINDS = ("per_tensor", "rows")
+# d_model, d_ff, vocabulary, encoder layers = decoder layers; about 1M, 16M, 107M params.
+T5_SHAPES = {"1M": (128, 512, 2048, 2), "16M": (256, 1024, 32128, 4), "100M": (768, 3072, 32128, 5)}
+
+
+def t5_shaped_params(size: str, key: jax.Array) -> dict[str, Any]:
+  """A T5 encoder-decoder parameter tree (shared embedding, attention, MLPs, norms)."""
+  d_model, d_ff, vocabulary, num_layers = T5_SHAPES[size]
+  shapes: dict[str, tuple[int, ...]] = {"token_embedder": (vocabulary, d_model)}
+  attention = {f"{name}": (d_model, d_model) for name in ("query", "key", "value", "out")}
+  mlp = {"wi": (d_model, d_ff), "wo": (d_ff, d_model)}
+  for layer in range(num_layers):
+    for name, shape in {**attention, **mlp, "pre_attention_norm": (d_model,)}.items():
+      shapes[f"encoder/layer{layer}/{name}"] = shape
+    for block in ("self_attention", "cross_attention"):
+      for name, shape in attention.items():
+        shapes[f"decoder/layer{layer}/{block}/{name}"] = shape
+    for name, shape in {**mlp, "pre_mlp_norm": (d_model,)}.items():
+      shapes[f"decoder/layer{layer}/{name}"] = shape
+  keys = jax.random.split(key, len(shapes))
+  return {
+    name: jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])
+    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+  }
+
+
+def random_grads(params: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+  """Gaussian gradients of scale 1e-2, a fresh draw per key."""
+  keys = jax.random.split(key, len(params))
+  return {
+    name: 1e-2 * jax.random.normal(k, leaf.shape)
+    for k, (name, leaf) in zip(keys, params.items(), strict=True)
+  }
+
+
+def _silo_axis(silo_kind: str, leaf: jax.Array) -> int | None:
+  """The silo axis of a leaf: ``None`` for one silo, 0 for rows of a matrix."""
+  return 0 if silo_kind == "rows" and leaf.ndim == 2 else None
+
+
+def _silos(silo_kind: str) -> Callable[[Any, jax.Array], dst_optax.SiloSpec]:
+  def spec(path: Any, leaf: jax.Array) -> dst_optax.SiloSpec:
+    del path
+    return dst_optax.rows() if _silo_axis(silo_kind, leaf) == 0 else dst_optax.PerTensor()
+
+  return spec
+
+
+def _sort_based_keep(delta: jax.Array, fraction: float, axis: int | None, method: str) -> jax.Array:
+  """Keep-mask of the top ``floor(ε |S|)`` Δ per silo by quantile or ``lax.top_k``."""
+  silos = delta.reshape(1, -1) if axis is None else delta.reshape(delta.shape[0], -1)
+  budget = math.floor(fraction * silos.shape[1])
+  if budget == 0:
+    return jnp.zeros(delta.shape, bool)
+  if method == "quantile":
+    threshold = jnp.quantile(silos, 1.0 - fraction, axis=1, keepdims=True)
+    return ((silos >= threshold) & (silos > 0)).reshape(delta.shape)
+  _, indices = jax.lax.top_k(silos, budget)
+  rows = jnp.arange(silos.shape[0])[:, None]
+  keep = jnp.zeros(silos.shape, bool).at[rows, indices].set(True)
+  return (keep & (silos > 0)).reshape(delta.shape)
+
+
+def sort_based_dst(fraction: float, silo_kind: str, method: str) -> optax.GradientTransformation:
+  """DST with a sort-based selection (the baselines); seed given at init."""
+
+  def init_fn(params: optax.Params) -> optax.Params:
+    return params
+
+  def update_fn(updates, seed, params=None):
+    def one_leaf(u, p, s):
+      proposal = p + u
+      keep = _sort_based_keep(jnp.abs(proposal - s), fraction, _silo_axis(silo_kind, p), method)
+      return jnp.where(keep, u, s - p)
+
+    return jax.tree.map(one_leaf, updates, params, seed), seed
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _optimizer(method: str, fraction: float, silo_kind: str) -> optax.GradientTransformation:
+  adam = optax.adam(LEARNING_RATE)
+  if method == "adam":
+    return adam
+  if method == "ours":
+    return optax.chain(adam, dst_optax.dynamic_subset_tuning(fraction, silos=_silos(silo_kind)))
+  return optax.chain(adam, sort_based_dst(fraction, silo_kind, method))
+
+
+def compiled_step(
+  params: dict[str, jax.Array],
+  grads: list[dict[str, jax.Array]],
+  method: str,
+  fraction: float,
+  silo_kind: str,
+) -> tuple[Callable[[], Any], dict[str, float]]:
+  """A jitted steady-state update (state from earlier steps) and its memory."""
+  optimizer = _optimizer(method, fraction, silo_kind)
+
+  @jax.jit
+  def update(grads, state, params):
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = optimizer.init(params)
+  current = params
+  for step_grads in grads[:-1]:
+    current, state = update(step_grads, state, current)
+  compiled = update.lower(grads[-1], state, current).compile()
+  memory = compiled.memory_analysis()
+  step = lambda: compiled(grads[-1], state, current)
+  jax.block_until_ready(step())
+  return step, {
+    "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+    "temp_bytes": getattr(memory, "temp_size_in_bytes", float("nan")),
+  }
+
+
+def interleaved_medians(steps: list[Callable[[], Any]], repeats: int) -> list[float]:
+  """Median seconds of each step, timed in alternation so that load drifts cancel."""
+  times: list[list[float]] = [[] for _ in steps]
+  for _ in range(repeats):
+    for step, step_times in zip(steps, times, strict=True):
+      start = time.perf_counter()
+      jax.block_until_ready(step())
+      step_times.append(time.perf_counter() - start)
+  return [statistics.median(step_times) for step_times in times]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  results = []
+  for size in args.sizes:
+    params = t5_shaped_params(size, jax.random.key(0))
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    grads = [random_grads(params, jax.random.key(step)) for step in range(WARMUP_STEPS + 1)]
+    adam_step, adam_info = compiled_step(params, grads, "adam", 1.0, "per_tensor")
+    print(f"\n{size}: {num_params / 1e6:.1f}M params", flush=True)
+    for silo_kind in args.silos:
+      for fraction in args.fractions:
+        row = {"size": size, "num_params": num_params, "silos": silo_kind, "fraction": fraction}
+        methods = [
+          method
+          for method in args.methods
+          if method == "ours" or (size in args.sort_sizes and fraction in args.sort_fractions)
+        ]
+        steps, infos = zip(
+          *(compiled_step(params, grads, method, fraction, silo_kind) for method in methods),
+          strict=True,
+        )
+        adam_seconds, *seconds = interleaved_medians([adam_step, *steps], args.repeats)
+        row["adam_seconds"] = adam_seconds
+        for method, method_seconds, info in zip(methods, seconds, infos, strict=True):
+          row[f"{method}_seconds"] = method_seconds
+          row[f"{method}_ratio"] = method_seconds / adam_seconds
+          row[f"{method}_temp_bytes"] = info["temp_bytes"]
+          if method == "ours":
+            dst_state_bytes = info["state_bytes"] - adam_info["state_bytes"]
+            row["dst_state_bytes_per_param_byte"] = dst_state_bytes / param_bytes
+        row["adam_temp_bytes"] = adam_info["temp_bytes"]
+        results.append(row)
+        print(_format_row(row), flush=True)
+  return {
+    "machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
+    f"{jax.device_count()} device(s), jax {jax.__version__}",
+    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "repeats": args.repeats,
+    "results": results,
+  }
+
+
+def _format_row(row: dict[str, Any]) -> str:
+  ratios = "  ".join(
+    f"{method} {row[f'{method}_ratio']:6.2f}x" if f"{method}_ratio" in row else f"{method}     -  "
+    for method in METHODS
+  )
+  return (
+    f"{row['size']:>5} {row['silos']:>10} eps={row['fraction']:<7g} "
+    f"adam {row['adam_seconds'] * 1e3:8.1f} ms  {ratios}"
+  )
+
+
+def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = report["results"]
+  sizes = sorted({r["size"] for r in rows}, key=list(T5_SHAPES).index)
+  figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+  for ax, size in zip(axes[0], sizes, strict=True):
+    for silo_kind, marker in zip(SILO_KINDS, "os", strict=True):
+      for method, color in zip(METHODS, ("C0", "C1", "C2"), strict=True):
+        points = [
+          (r["fraction"], r[f"{method}_ratio"])
+          for r in rows
+          if r["size"] == size and r["silos"] == silo_kind and f"{method}_ratio" in r
+        ]
+        if points:
+          x, y = zip(*points, strict=True)
+          ax.plot(x, y, marker=marker, color=color, label=f"{method}, {silo_kind}")
+    ax.axhline(3.0, color="gray", linestyle="--", linewidth=1)
+    ax.set(xscale="log", yscale="log", xlabel="ε", ylabel="time / adam update", title=size)
+    ax.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", nargs="+", default=list(T5_SHAPES), choices=list(T5_SHAPES))
+  parser.add_argument("--silos", nargs="+", default=list(SILO_KINDS), choices=SILO_KINDS)
+  parser.add_argument("--fractions", nargs="+", type=float, default=[1e-6, 1e-4, 1e-2, 0.1, 0.5])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument(
+    "--sort-sizes",
+    nargs="*",
+    default=["1M", "16M"],
+    choices=list(T5_SHAPES),
+    help="sizes at which the sort-based baselines run (slow)",
+  )
+  parser.add_argument(
+    "--sort-fractions",
+    nargs="*",
+    type=float,
+    default=[1e-2],
+    help="ε at which the sort-based baselines run (slow)",
+  )
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "selection"
+  )
+  args = parser.parse_args()
+  report = run(args)
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+  plot(report, args.out.with_suffix(".png"))
+  print(
+    f"\npeak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB; "
+    f"wrote {args.out.with_suffix('.json')} and .png"
+  )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,200 @@
+"""Exactness of the radix selection against the sort-based NumPy reference."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import dst_optax
+from dst_optax import _selection, _silos
+from tests import reference
+
+# Mixed sizes exercise several digit widths, silos of one coordinate and a group
+# spanning leaves of different shapes.
+SHAPES = ((6, 5), (1,), (3, 4, 2), (40, 50), (2, 1))
+SPEC_KINDS = {
+  "per_tensor": lambda shape, i: dst_optax.PerTensor(),
+  "rows": lambda shape, i: dst_optax.rows() if len(shape) > 1 else dst_optax.PerTensor(),
+  "columns": lambda shape, i: dst_optax.columns() if len(shape) > 1 else dst_optax.PerTensor(),
+  "global": lambda shape, i: dst_optax.Global(),
+  "groups": lambda shape, i: dst_optax.Group(f"g{i % 2}"),
+}
+FRACTIONS = (1e-6, 1e-4, 0.01, 0.1, 0.3, 0.5, 0.9, 1.0)
+DELTA_KINDS = ("random", "ties", "all_equal", "all_zero", "sparse", "wide_range")
+
+
+def specs_of(kind: str, shapes=SHAPES) -> list[dst_optax.SiloSpec]:
+  return [SPEC_KINDS[kind](shape, i) for i, shape in enumerate(shapes)]
+
+
+def make_deltas(rng: np.random.Generator, kind: str, shapes=SHAPES) -> list[np.ndarray]:
+  """Non-negative float32 distances with the patterns selection must survive."""
+  deltas = []
+  for shape in shapes:
+    if kind == "random":
+      delta = rng.random(shape)
+    elif kind == "ties":
+      delta = rng.integers(0, 4, shape) * 0.25
+    elif kind == "all_equal":
+      delta = np.full(shape, 0.5)
+    elif kind == "all_zero":
+      delta = np.zeros(shape)
+    elif kind == "sparse":
+      delta = rng.random(shape) * (rng.random(shape) < 0.1)
+    else:
+      delta = np.abs(rng.normal(size=shape)) * 10.0 ** rng.integers(-30, 30, shape)
+    deltas.append(np.asarray(delta, np.float32))
+  return deltas
+
+
+class Selector:
+  """Jitted selection per silo kind, compiled once per layout (budgets are traced)."""
+
+  def __init__(self, shapes=SHAPES):
+    self.shapes = shapes
+    self.compiled = {}
+
+  def layout(self, kind: str) -> _silos.SiloLayout:
+    params = {f"leaf{i}": jnp.zeros(shape) for i, shape in enumerate(self.shapes)}
+    tree = {f"leaf{i}": spec for i, spec in enumerate(specs_of(kind, self.shapes))}
+    return _silos.build_layout(params, tree)
+
+  def __call__(self, kind, deltas, fraction, previous_threshold=None):
+    layout = self.layout(kind)
+    warm = previous_threshold is not None
+    if (kind, warm) not in self.compiled:
+      self.compiled[kind, warm] = jax.jit(
+        lambda keys, budgets, previous: _selection.select_top_k(keys, layout, budgets, previous)
+      )
+    keys = [_selection.distance_keys(jnp.asarray(d)) for d in deltas]
+    if warm:
+      previous_threshold = jnp.broadcast_to(
+        jnp.asarray(previous_threshold, jnp.float32), (layout.num_silos,)
+      )
+    return self.compiled[kind, warm](keys, layout.budgets(fraction), previous_threshold)
+
+
+@pytest.fixture(scope="module")
+def selector() -> Selector:
+  return Selector()
+
+
+def expected_masks(kind, deltas, fraction, shapes=SHAPES):
+  zeros = [np.zeros_like(d) for d in deltas]
+  return reference.select(deltas, zeros, specs_of(kind, shapes), fraction)
+
+
+def assert_same_selection(selection, kind, deltas, fraction):
+  for want, have in zip(expected_masks(kind, deltas, fraction), selection.masks, strict=True):
+    np.testing.assert_array_equal(np.asarray(have), want)
+  want_counts = sum(int(m.sum()) for m in expected_masks(kind, deltas, fraction))
+  assert int(np.sum(selection.num_selected)) == want_counts
+
+
+@pytest.mark.parametrize("kind", sorted(SPEC_KINDS))
+@pytest.mark.parametrize("delta_kind", DELTA_KINDS)
+def test_matches_reference_for_every_fraction(selector, kind, delta_kind):
+  rng = np.random.default_rng(0)
+  for fraction in FRACTIONS:
+    deltas = make_deltas(rng, delta_kind)
+    assert_same_selection(selector(kind, deltas, fraction), kind, deltas, fraction)
+
+
+@pytest.mark.parametrize("kind", sorted(SPEC_KINDS))
+@pytest.mark.parametrize(
+  "previous", [0.0, 0.5, 1e-30, 1e30, np.inf, np.nan, -0.25, 3.4e38], ids=repr
+)
+def test_any_warm_start_is_exact(selector, kind, previous):
+  """Wrong, stale, infinite or NaN thresholds only change the number of passes."""
+  rng = np.random.default_rng(1)
+  for fraction, delta_kind in [(0.01, "random"), (0.3, "ties"), (0.5, "wide_range")]:
+    deltas = make_deltas(rng, delta_kind)
+    selection = selector(kind, deltas, fraction, previous)
+    assert_same_selection(selection, kind, deltas, fraction)
+
+
+def test_threshold_is_the_kth_largest(selector):
+  rng = np.random.default_rng(2)
+  deltas = make_deltas(rng, "random")
+  for fraction in (0.01, 0.3, 0.9):
+    threshold = np.asarray(selector("per_tensor", deltas, fraction).threshold)
+    for delta, value in zip(deltas, threshold, strict=True):
+      budget = math.floor(fraction * delta.size)
+      if budget == 0:
+        assert np.isnan(value)
+      else:
+        assert value == np.sort(delta.ravel())[::-1][budget - 1]
+
+
+def test_warm_started_threshold_is_reused(selector):
+  """Feeding the threshold back in (as the transformation does) stays exact."""
+  rng = np.random.default_rng(3)
+  threshold = None
+  for step in range(4):
+    deltas = [d * (1.0 + 0.05 * step) for d in make_deltas(rng, "random")]
+    selection = selector("rows", deltas, 0.1, threshold if threshold is not None else 0.0)
+    assert_same_selection(selection, "rows", deltas, 0.1)
+    threshold = selection.threshold
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+  kind=st.sampled_from(sorted(SPEC_KINDS)),
+  fraction=st.floats(1e-6, 1.0),
+  seed=st.integers(0, 2**16),
+  levels=st.integers(1, 6),
+  previous=st.floats(0.0, 2.0) | st.just(float("nan")),
+)
+def test_invariants(selector, kind, fraction, seed, levels, previous):
+  """Exact budget, and every selected Δ ≥ every unselected Δ of the same silo."""
+  rng = np.random.default_rng(seed)
+  deltas = [(rng.integers(0, levels, s) / levels).astype(np.float32) for s in SHAPES]
+  selection = selector(kind, deltas, fraction, previous)
+  assert_same_selection(selection, kind, deltas, fraction)
+
+
+def sharded_setup():
+  """A mesh over the 8 fake CPU devices and a tree that splits across it."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  shapes = ((64, 32), (16, 8), (128,))
+  sharding = [
+    NamedSharding(mesh, PartitionSpec("data", "model")),
+    NamedSharding(mesh, PartitionSpec("model", "data")),
+    NamedSharding(mesh, PartitionSpec(("data", "model"))),
+  ]
+  return shapes, sharding
+
+
+@pytest.mark.parametrize("kind", ["per_tensor", "rows", "columns", "global"])
+def test_sharded_equals_unsharded_without_gathering(kind):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  shapes, shardings = sharded_setup()
+  selector = Selector(shapes)
+  layout = selector.layout(kind)
+  rng = np.random.default_rng(4)
+  deltas = make_deltas(rng, "ties", shapes)
+  keys = [
+    jax.device_put(_selection.distance_keys(jnp.asarray(d)), s)
+    for d, s in zip(deltas, shardings, strict=True)
+  ]
+  budgets = layout.budgets(0.1)
+  select = jax.jit(lambda keys, budgets: _selection.select_top_k(keys, layout, budgets).masks)
+  sharded = select(keys, budgets)
+  unsharded = selector(kind, deltas, 0.1).masks
+  for have, want in zip(sharded, unsharded, strict=True):
+    np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+  hlo = select.lower(keys, budgets).compile().as_text()
+  smallest_leaf = min(math.prod(shape) for shape in shapes)
+  for line in hlo.splitlines():
+    if "all-gather(" in line or "all-to-all(" in line:
+      result_shape = line.split("=")[1].split("all-")[0]
+      dims = [int(d) for d in result_shape.split("[")[1].split("]")[0].split(",") if d]
+      assert math.prod(dims) < smallest_leaf, f"parameter-sized gather: {line.strip()}"
