@@ -145,7 +145,9 @@ def test_factored_state_axes_partition_only_param_shaped_statistics():
 
 
 def test_require_explains_how_to_install_t5x(monkeypatch):
-  monkeypatch.setitem(sys.modules, "t5x", None)
+  # None in sys.modules makes the import fail, as if T5X were not installed.
+  for name in ("t5x", "t5x.optimizers"):
+    monkeypatch.setitem(sys.modules, name, None)
   with pytest.raises(ImportError, match="not on PyPI"):
     _import.require("t5x.optimizers")
 
