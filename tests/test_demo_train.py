@@ -30,7 +30,14 @@ def setup():
   return pretrained, split, prototypes
 
 
-@pytest.mark.parametrize("name", _baselines.METHOD_NAMES)
+# DST and LoRA in the default run; the other methods (same loop) in the slow run.
+@pytest.mark.parametrize(
+  "name",
+  [
+    name if name in ("dst", "lora") else pytest.param(name, marks=pytest.mark.slow)
+    for name in _baselines.METHOD_NAMES
+  ],
+)
 def test_every_method_trains_and_reports(setup, name):
   pretrained, split, prototypes = setup
   method = _baselines.matched_method(name, pretrained.params, 0.05)
