@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     help="DST silo kinds (baselines are matched to the per-tensor budget)",
   )
   parser.add_argument("--seeds", nargs="+", type=int, default=(0,))
-  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--steps", type=int, default=80)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--max-length", type=int, default=48)
   parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     default="lora",
     help="baseline trained at the budget matched to DST's (LoRA rank, prompt length)",
   )
-  parser.add_argument("--steps", type=int, default=100, help="optimizer steps per method")
+  parser.add_argument("--steps", type=int, default=80, help="optimizer steps per method")
   parser.add_argument("--batch-size", type=int, default=16, help="training sentences per step")
   parser.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
   parser.add_argument(

@@ -48,7 +48,7 @@ class TrainConfig(NamedTuple):
     eval_batch_size: examples per forward pass in evaluation.
   """
 
-  steps: int = 150
+  steps: int = 80
   batch_size: int = 16
   seed: int = 0
   eval_batch_size: int = 128
