@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from dst_optax import _cli, _subset, _subset_stream
+import dst_optax
+from dst_optax import _cli, _subset, _subset_io, _subset_stream
 
 
 def bits(array) -> np.ndarray:
@@ -117,3 +122,33 @@ def test_fraction_outside_unit_interval_is_a_usage_error(tmp_path, checkpoints, 
     run("extract", checkpoints["seed"], checkpoints["a"], "-o", tmp_path / "x", "-e", fraction)
   assert exit_info.value.code == 2
   assert "ε must" in capsys.readouterr().err
+
+
+def test_train_export_and_rebuild_from_the_command_line(tmp_path):
+  rng = np.random.default_rng(1)
+  seed = {"encoder": {"kernel": rng.normal(size=(24, 8)).astype(np.float32)}}
+  params = jax.tree.map(jnp.asarray, seed)
+  optimizer = optax.chain(optax.adamw(0.05), dst_optax.dynamic_subset_tuning(0.1))
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: jnp.sum(jnp.cos(2.0 * p["encoder"]["kernel"])))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(4):
+    params, opt_state = step(params, opt_state)
+  subset = _subset.extract_subset_from_state(params, dst_optax.find_state(opt_state), 0.1)
+  _subset_io.save_subset(subset, tmp_path / "task.subset")
+  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
+  assert run("apply", tmp_path / "seed.safetensors", tmp_path / "task.subset", "-o",
+             tmp_path / "rebuilt.safetensors") == 0  # fmt: skip
+  rebuilt = _subset_stream.load_params(
+    _subset_stream.safetensors_source(tmp_path / "rebuilt.safetensors")
+  )
+  expected = dst_optax.project_to_budget(params, seed, 0.1)
+  np.testing.assert_array_equal(
+    bits(rebuilt["encoder"]["kernel"]), bits(expected["encoder"]["kernel"])
+  )
+  assert 0 < subset.tensors["encoder/kernel"].num_changed <= math.floor(0.1 * 24 * 8)
