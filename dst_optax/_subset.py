@@ -130,7 +130,7 @@ def tensor_fingerprint(tensor: Any) -> str:
   return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
 
 
-def seed_fingerprint(subset: Subset) -> str:
+def combined_seed_fingerprint(subset: Subset) -> str:
   """One fingerprint of all the seed tensors (shapes, dtypes, sparse contents) a subset needs."""
   digest = hashlib.sha256()
   for path, tensor in subset.tensors.items():
@@ -166,10 +166,12 @@ def changed_indices(seed: Any, params: Any) -> np.ndarray:
 
 
 def distance_description(distance: str | _distances.DistanceFn) -> str:
+  """The distance's name, for metadata."""
   return distance if isinstance(distance, str) else getattr(distance, "__name__", repr(distance))
 
 
 def silos_description(silos: _silos.Silos) -> str:
+  """A readable summary of a silo spec, callable or spec tree, for metadata."""
   if isinstance(silos, (_silos.PerTensor, _silos.PerSlice, _silos.Group, _silos.Unconstrained)):
     return repr(silos)
   if callable(silos):

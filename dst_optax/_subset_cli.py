@@ -21,8 +21,8 @@ from dst_optax._subset import (
   Subset,
   SubsetError,
   apply_subset,
+  combined_seed_fingerprint,
   compose_subsets,
-  seed_fingerprint,
 )
 from dst_optax._subset_io import INDEX_ENCODINGS, file_summary, load_subset, save_subset
 from dst_optax._subset_stream import (
@@ -158,7 +158,7 @@ def _print_summary(file: str, subset: Subset, show_all: bool) -> None:
   print(f"{file}: {sizes['file_bytes']:,} bytes")
   print(
     f"  ε = {subset.fraction_of_free_params:g}, silos: {subset.silos}, distance: "
-    f"{subset.distance}, seed fingerprint {seed_fingerprint(subset)}"
+    f"{subset.distance}, seed fingerprint {combined_seed_fingerprint(subset)}"
   )
   print(
     f"  changed {num_changed:,} of {num_params:,} constrained coordinates "

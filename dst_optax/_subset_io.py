@@ -38,7 +38,7 @@ from dst_optax._subset import (
   Subset,
   SubsetError,
   TensorSubset,
-  seed_fingerprint,
+  combined_seed_fingerprint,
 )
 
 FORMAT = "dst_optax.subset"
@@ -155,7 +155,7 @@ def save_subset(
     "fraction_of_free_params": repr(subset.fraction_of_free_params),
     "silos": subset.silos,
     "distance": subset.distance,
-    "seed_fingerprint": seed_fingerprint(subset),
+    "seed_fingerprint": combined_seed_fingerprint(subset),
     "tensors": json.dumps(entries),
     "payload_sha256": _payload_digest(arrays),
   }
@@ -289,7 +289,7 @@ def load_subset(file: str | os.PathLike) -> Subset:
   except (KeyError, TypeError, json.JSONDecodeError) as error:
     raise _corrupt(file, f"its metadata is malformed ({error!r})") from None
   _check_budgets(file, tensors)
-  if seed_fingerprint(subset) != metadata["seed_fingerprint"]:
+  if combined_seed_fingerprint(subset) != metadata["seed_fingerprint"]:
     raise _corrupt(file, "seed_fingerprint does not match the per-tensor fingerprints")
   return subset
 
