@@ -152,3 +152,27 @@ def test_train_export_and_rebuild_from_the_command_line(tmp_path):
     bits(rebuilt["encoder"]["kernel"]), bits(expected["encoder"]["kernel"])
   )
   assert 0 < subset.tensors["encoder/kernel"].num_changed <= math.floor(0.1 * 24 * 8)
+
+
+def test_extract_from_orbax_checkpoints(tmp_path, checkpoints, capsys):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  checkpointer = ocp.PyTreeCheckpointer()
+  for task in ("seed", "a"):
+    params = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints[task]))
+    checkpointer.save(tmp_path / f"{task}_orbax", {"params": params, "step": np.int32(3)})
+  from_orbax, from_files = tmp_path / "orbax.subset", tmp_path / "files.subset"
+  assert run(
+    "extract", tmp_path / "seed_orbax", tmp_path / "a_orbax", "-o", from_orbax, "-e", "0.05",
+    "--seed-item", "params", "--finetuned-item", "params", "--unconstrained", "^head$",
+  ) == 0  # fmt: skip
+  assert extract(checkpoints, "a", from_files) == 0
+  orbax_subset = _subset_io.load_subset(from_orbax)
+  file_subset = _subset_io.load_subset(from_files)
+  for path, tensor in file_subset.tensors.items():
+    assert orbax_subset.tensors[path][2:] == tensor[2:]
+    if not tensor.dense:
+      np.testing.assert_array_equal(orbax_subset.tensors[path].indices, tensor.indices)
+    np.testing.assert_array_equal(bits(orbax_subset.tensors[path].values), bits(tensor.values))
+  assert run("extract", tmp_path / "seed_orbax", checkpoints["a"], "-o", tmp_path / "x",
+             "-e", "0.05", "--seed-item", "nope") == 2  # fmt: skip
+  assert "no item 'nope'" in capsys.readouterr().err
