@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+
+# optax does not re-export FactoredState, the state type T5X's table is keyed by.
 from optax._src import factorized
 
 from dst_optax import DynamicSubsetTuningState
