@@ -23,7 +23,6 @@ not depend on the seed's values, so only their shape and dtype are checked.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,6 @@ import numpy as np
 import optax
 
 from dst_optax import _distances, _silos
-from dst_optax._transform import DynamicSubsetTuningState, project_to_budget
 
 # Largest tensor that int32 flat indices can address.
 MAX_TENSOR_SIZE = np.iinfo(np.int32).max
@@ -246,125 +244,6 @@ def tensor_subset(path: str, seed: Any, projected: Any, budget: LeafBudget) -> T
   indices = changed_indices(seed, projected)
   values = projected.reshape(-1)[indices]
   return TensorSubset(indices, values, shape, budget.budget, budget.silo, tensor_fingerprint(seed))
-
-
-def _check_like(path: str, seed: Any, other: Any, what: str) -> None:
-  if np.shape(seed) != np.shape(other) or jnp.result_type(seed) != jnp.result_type(other):
-    raise SubsetError(
-      f"{what} leaf {path!r} has shape {np.shape(other)} and dtype {jnp.result_type(other)} "
-      f"but the seed has shape {np.shape(seed)} and dtype {jnp.result_type(seed)}"
-    )
-
-
-# project_to_budget compiled with its configuration static, so that extractions
-# with equal (hashable) configurations and shapes share one compilation.
-_PROJECT_TO_BUDGET = jax.jit(
-  project_to_budget, static_argnames=("fraction_of_free_params", "silos", "distance", "mask")
-)
-
-
-def projector(
-  fraction_of_free_params: float,
-  silos: _silos.Silos = _silos.PerTensor(),
-  distance: str | _distances.DistanceFn = "absolute",
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-) -> Callable[[optax.Params, optax.Params], optax.Params]:
-  """A jit-compiled ``(params, seed) -> project_to_budget(params, seed, ...)``.
-
-  One compiled selection instead of dozens of eagerly dispatched passes.
-  """
-  configuration = {
-    "fraction_of_free_params": float(fraction_of_free_params),
-    "silos": silos,
-    "distance": distance,
-    "mask": mask,
-  }
-  try:
-    hash(tuple(configuration.values()))
-  except TypeError:  # spec or mask trees: compile for this configuration only
-    return jax.jit(functools.partial(project_to_budget, **configuration))
-  return functools.partial(_PROJECT_TO_BUDGET, **configuration)
-
-
-def extract_subset(
-  seed: optax.Params,
-  finetuned: optax.Params,
-  fraction_of_free_params: float,
-  silos: _silos.Silos = _silos.PerTensor(),
-  distance: str | _distances.DistanceFn = "absolute",
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-) -> Subset:
-  """Extracts the subset of a fine-tuned model within DST's budget, exactly.
-
-  Projects ``finetuned`` to the budget (:func:`dst_optax.project_to_budget`),
-  so the subset never exceeds ``floor(ε · |S|)`` changes per silo even if
-  training left rounding residue, then records the changed coordinates.
-
-  Args:
-    seed: the seed (pretrained) parameters Θ0.
-    finetuned: the fine-tuned parameters; same tree, shapes and dtypes.
-    fraction_of_free_params: ε in (0, 1], as used in training.
-    silos: silo specs, as in :func:`dst_optax.dynamic_subset_tuning`.
-    distance: distance name or callable, as in training.
-    mask: as in :func:`dst_optax.dynamic_subset_tuning`; ``False`` leaves are
-      stored whole.
-
-  Returns:
-    The :class:`Subset`.
-
-  Raises:
-    SubsetError: if the trees, shapes or dtypes differ (naming the leaf).
-  """
-  seed_leaves = named_leaves(seed)
-  finetuned_leaves = named_leaves(finetuned)
-  if seed_leaves.keys() != finetuned_leaves.keys():
-    raise SubsetError(
-      "the fine-tuned params do not have the seed's leaves: missing "
-      f"{sorted(seed_leaves.keys() - finetuned_leaves.keys())}, unexpected "
-      f"{sorted(finetuned_leaves.keys() - seed_leaves.keys())}"
-    )
-  for path, seed_leaf in seed_leaves.items():
-    _check_like(path, seed_leaf, finetuned_leaves[path], "fine-tuned")
-  project = projector(fraction_of_free_params, silos, distance, mask)
-  projected = named_leaves(project(finetuned, seed))
-  budgets = leaf_budgets(finetuned, fraction_of_free_params, silos, mask)
-  tensors = {
-    path: tensor_subset(path, seed_leaves[path], projected[path], budget)
-    for path, budget in zip(seed_leaves, budgets, strict=True)
-  }
-  return Subset(
-    tensors,
-    float(fraction_of_free_params),
-    silos_description(silos),
-    distance_description(distance),
-  )
-
-
-def extract_subset_from_state(
-  params: optax.Params,
-  state: DynamicSubsetTuningState,
-  fraction_of_free_params: float,
-  silos: _silos.Silos = _silos.PerTensor(),
-  distance: str | _distances.DistanceFn = "absolute",
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-) -> Subset:
-  """:func:`extract_subset` with the seed held by a DST optimizer state.
-
-  Args:
-    params: the fine-tuned parameters.
-    state: the :class:`dst_optax.DynamicSubsetTuningState` of the run (e.g. from
-      :func:`dst_optax.find_state`); it must have taken at least one step.
-    fraction_of_free_params, silos, distance, mask: as used in training.
-
-  Returns:
-    The :class:`Subset`.
-  """
-  if int(np.asarray(state.count)) == 0:
-    raise SubsetError(
-      "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
-      "the first update)"
-    )
-  return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)
 
 
 def check_seed(seed_leaves: Mapping[str, Any], subset: Subset, fingerprints: Mapping[str, str]):

@@ -24,14 +24,14 @@ from dst_optax._subset import (
   combined_seed_fingerprint,
   compose_subsets,
 )
-from dst_optax._subset_io import INDEX_ENCODINGS, file_summary, load_subset, save_subset
-from dst_optax._subset_stream import (
+from dst_optax._subset_extract import (
   ParamSource,
   extract_subset_streaming,
   load_params,
   safetensors_source,
   save_params,
 )
+from dst_optax._subset_io import INDEX_ENCODINGS, file_summary, load_subset, save_subset
 
 _SILO_CHOICES: dict[str, _silos.SiloSpec] = {
   "per-tensor": _silos.PerTensor(),

@@ -1,16 +1,18 @@
-"""Subset extraction that streams checkpoints leaf by leaf.
+"""Subset extraction, one tensor pair at a time.
 
-:func:`extract_subset_streaming` reads one tensor of the seed and one of the
-fine-tuned checkpoint at a time, so two large checkpoints never sit in memory
-together. Silos inside one tensor (per tensor, per slice) are selected with
-:func:`dst_optax.project_to_budget` on that tensor alone, which is the same
-selection as on the whole tree. Silos shared by several tensors (``Group``,
-``Global``) keep a running top-k of candidates across their tensors (O(k)
-memory), ordered like the in-memory selection: by distance, then by position in
-silo order (leaf flattening order, then row-major), lowest first.
+:func:`extract_subset` (parameters in memory) and :func:`extract_subset_streaming`
+(checkpoints read tensor by tensor, so two large checkpoints never sit in memory
+together) share one procedure. Silos inside one tensor (per tensor, per slice) are
+selected with :func:`dst_optax.project_to_budget` on that tensor alone, which is
+the same selection as on the whole tree, compiled once per shape. Silos shared by
+several tensors (``Group``, ``Global``) keep a running top-k of candidates across
+their tensors (O(k) memory), ordered like :func:`dst_optax.project_to_budget`: by
+distance, then by position in silo order (leaf flattening order, then
+row-major), lowest first.
 
 Checkpoints are read through a :class:`ParamSource`; this module provides one
-for safetensors files and :mod:`dst_optax._subset_orbax` one for Orbax.
+for parameters in memory and one for safetensors files, and
+:mod:`dst_optax._subset_orbax` one for Orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_dtypes
 import numpy as np
+import optax
 import safetensors
 import safetensors.numpy
 
@@ -34,11 +37,11 @@ from dst_optax._subset import (
   distance_description,
   leaf_budgets,
   named_leaves,
-  projector,
   silos_description,
   tensor_fingerprint,
   tensor_subset,
 )
+from dst_optax._transform import DynamicSubsetTuningState, project_to_budget
 
 # safetensors dtype codes.
 _SAFETENSORS_DTYPES = {
@@ -142,6 +145,22 @@ def load_params(source: ParamSource) -> dict[str, Any]:
   return jax.tree_util.tree_map_with_path(
     lambda key_path, _: source.read(_silos.path_name(key_path)), source.abstract
   )
+
+
+def memory_source(params: Any, description: str) -> ParamSource:
+  """A :class:`ParamSource` over a parameter tree in memory (NumPy or JAX leaves)."""
+  leaves = named_leaves(params)
+  abstract = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), getattr(leaf, "dtype", None)), params
+  )
+  return ParamSource(abstract, leaves.__getitem__, description)
+
+
+# project_to_budget compiled with its configuration static, so that tensors of
+# equal shape and configuration share one compilation.
+_PROJECT_TO_BUDGET = jax.jit(
+  project_to_budget, static_argnames=("fraction_of_free_params", "silos", "distance")
+)
 
 
 class _Candidates(NamedTuple):
@@ -257,7 +276,7 @@ def extract_subset_streaming(
   distance: str | _distances.DistanceFn = "absolute",
   mask: Any = None,
 ) -> Subset:
-  """:func:`dst_optax.extract_subset` reading one tensor pair at a time.
+  """:func:`extract_subset` reading one tensor pair at a time.
 
   Args:
     seed: the seed checkpoint.
@@ -266,8 +285,7 @@ def extract_subset_streaming(
       ``mask`` see the abstract tree (shapes and dtypes, no values).
 
   Returns:
-    The same :class:`Subset` as :func:`dst_optax.extract_subset` on the loaded
-    trees.
+    The same :class:`Subset` as :func:`extract_subset` on the loaded trees.
   """
   abstract_leaves = _check_sources(seed, finetuned)
   layout = _silos.build_layout(finetuned.abstract, silos, mask)
@@ -278,8 +296,6 @@ def extract_subset_streaming(
   distance_fn = _distances.resolve_distance(distance)
   candidates = {offset: _no_candidates() for offset in shared}
   fingerprints: dict[str, str] = {}
-  # Per spec one compiled projection, reused by tensors of equal shape.
-  projectors: dict[_silos.SiloSpec, Callable[..., Any]] = {}
   tensors: dict[str, TensorSubset | None] = {}
   for position, (path, leaf, spec, budget) in enumerate(
     zip(abstract_leaves, layout.leaves, specs, budgets, strict=True)
@@ -288,8 +304,13 @@ def extract_subset_streaming(
     if leaf is None or leaf.offset not in shared:
       projected = finetuned_leaf
       if leaf is not None:
-        project = projectors.setdefault(spec, projector(fraction_of_free_params, spec, distance))
-        projected = project(finetuned_leaf, seed_leaf)
+        projected = _PROJECT_TO_BUDGET(
+          finetuned_leaf,
+          seed_leaf,
+          fraction_of_free_params=float(fraction_of_free_params),
+          silos=spec,
+          distance=distance,
+        )
       tensors[path] = tensor_subset(path, seed_leaf, projected, budget)
       continue
     keys = np.asarray(_selection.distance_keys(distance_fn(seed_leaf, finetuned_leaf, seed_leaf)))
@@ -311,3 +332,70 @@ def extract_subset_streaming(
     silos_description(silos),
     distance_description(distance),
   )
+
+
+def extract_subset(
+  seed: optax.Params,
+  finetuned: optax.Params,
+  fraction_of_free_params: float,
+  silos: _silos.Silos = _silos.PerTensor(),
+  distance: str | _distances.DistanceFn = "absolute",
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> Subset:
+  """Extracts the subset of a fine-tuned model within DST's budget, exactly.
+
+  Projects ``finetuned`` to the budget (:func:`dst_optax.project_to_budget`),
+  so the subset never exceeds ``floor(ε · |S|)`` changes per silo even if
+  training left rounding residue, then records the changed coordinates.
+
+  Args:
+    seed: the seed (pretrained) parameters Θ0.
+    finetuned: the fine-tuned parameters; same tree, shapes and dtypes.
+    fraction_of_free_params: ε in (0, 1], as used in training.
+    silos: silo specs, as in :func:`dst_optax.dynamic_subset_tuning`.
+    distance: distance name or callable, as in training.
+    mask: as in :func:`dst_optax.dynamic_subset_tuning`; ``False`` leaves are
+      stored whole. ``silos`` and ``mask`` callables see the tree's shapes and
+      dtypes (``jax.ShapeDtypeStruct`` leaves), not its values.
+
+  Returns:
+    The :class:`Subset`.
+
+  Raises:
+    SubsetError: if the trees, shapes or dtypes differ (naming the leaf).
+  """
+  return extract_subset_streaming(
+    memory_source(seed, "seed"),
+    memory_source(finetuned, "fine-tuned params"),
+    fraction_of_free_params,
+    silos,
+    distance,
+    mask,
+  )
+
+
+def extract_subset_from_state(
+  params: optax.Params,
+  state: DynamicSubsetTuningState,
+  fraction_of_free_params: float,
+  silos: _silos.Silos = _silos.PerTensor(),
+  distance: str | _distances.DistanceFn = "absolute",
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> Subset:
+  """:func:`extract_subset` with the seed held by a DST optimizer state.
+
+  Args:
+    params: the fine-tuned parameters.
+    state: the :class:`dst_optax.DynamicSubsetTuningState` of the run (e.g. from
+      :func:`dst_optax.find_state`); it must have taken at least one step.
+    fraction_of_free_params, silos, distance, mask: as used in training.
+
+  Returns:
+    The :class:`Subset`.
+  """
+  if int(np.asarray(state.count)) == 0:
+    raise SubsetError(
+      "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
+      "the first update)"
+    )
+  return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dst_optax import _distances, _silos
 from dst_optax._subset import Subset, SubsetError, named_leaves
-from dst_optax._subset_stream import ParamSource, extract_subset_streaming
+from dst_optax._subset_extract import ParamSource, extract_subset_streaming
 
 
 def _orbax():

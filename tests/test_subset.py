@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dst_optax
-from dst_optax import _subset
+from dst_optax import _subset, _subset_extract
 from tests import reference
 
 DTYPES = (np.float32, ml_dtypes.bfloat16)
@@ -97,7 +97,7 @@ def silo_budgets_respected(seed, params, fraction: float, kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(SILO_KINDS))
 def test_apply_rebuilds_projection_bitwise(dtype, kind):
   seed, finetuned = make_model(np.random.default_rng(0), dtype)
-  subset = _subset.extract_subset(seed, finetuned, 0.1, SILO_KINDS[kind])
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.1, SILO_KINDS[kind])
   rebuilt = _subset.apply_subset(seed, subset)
   expected = oracle_projection(seed, finetuned, 0.1, SILO_KINDS[kind])
   assert_trees_bitwise_equal(_subset.named_leaves(rebuilt), expected)
@@ -130,7 +130,7 @@ def adversarial_pair(rng: np.random.Generator, shape, dtype, moves: str):
 
 
 def check_budget_and_exactness(seed, finetuned, fraction: float, kind: str) -> None:
-  subset = _subset.extract_subset(seed, finetuned, fraction, SILO_KINDS[kind])
+  subset = _subset_extract.extract_subset(seed, finetuned, fraction, SILO_KINDS[kind])
   rebuilt = _subset.apply_subset(seed, subset)
   silo_budgets_respected(seed, rebuilt, fraction, kind)
   assert_trees_bitwise_equal(
@@ -175,7 +175,7 @@ def test_signed_zero_and_nan_count_as_changes():
 
 def test_unconstrained_head_is_stored_dense_and_independent_of_seed_head():
   seed, finetuned = make_model(np.random.default_rng(1), np.float32)
-  subset = _subset.extract_subset(seed, finetuned, 0.05, mask=head_free)
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.05, mask=head_free)
   head = subset.tensors["head"]
   assert head.dense and head.budget == _subset.UNCONSTRAINED_BUDGET
   # A fresh random head in the seed does not matter: only the encoder is fingerprinted.
@@ -201,7 +201,7 @@ def test_extract_from_dst_training_state():
   for _ in range(5):
     params, opt_state = step(params, opt_state)
   state = dst_optax.find_state(opt_state)
-  subset = _subset.extract_subset_from_state(params, state, 0.1, mask=head_free)
+  subset = _subset_extract.extract_subset_from_state(params, state, 0.1, mask=head_free)
   rebuilt = _subset.apply_subset(seed, subset)
   expected = oracle_projection(seed, params, 0.1, dst_optax.PerTensor(), {"head"})
   assert_trees_bitwise_equal(_subset.named_leaves(rebuilt), expected)
@@ -213,7 +213,7 @@ def test_extract_from_state_before_first_step_fails():
   seed, _ = make_model(np.random.default_rng(3), np.float32)
   state = dst_optax.dynamic_subset_tuning(0.1).init(seed)
   with pytest.raises(_subset.SubsetError, match="no step"):
-    _subset.extract_subset_from_state(seed, state, 0.1)
+    _subset_extract.extract_subset_from_state(seed, state, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_extract_from_state_before_first_step_fails():
 )
 def test_wrong_seed_is_rejected_naming_the_leaf(mutate, message):
   seed, finetuned = make_model(np.random.default_rng(4), np.float32)
-  subset = _subset.extract_subset(seed, finetuned, 0.1)
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
   with pytest.raises(_subset.SubsetError, match=message):
     _subset.apply_subset(mutate(seed), subset)
 
@@ -236,7 +236,7 @@ def test_mismatched_finetuned_tree_is_rejected_naming_the_leaf():
   seed, finetuned = make_model(np.random.default_rng(5), np.float32)
   finetuned["encoder"]["bias"] = finetuned["encoder"]["bias"][:5]
   with pytest.raises(_subset.SubsetError, match="'encoder/bias' has shape"):
-    _subset.extract_subset(seed, finetuned, 0.1)
+    _subset_extract.extract_subset(seed, finetuned, 0.1)
 
 
 def test_compose_reports_overlaps_and_later_subset_wins():
@@ -244,8 +244,8 @@ def test_compose_reports_overlaps_and_later_subset_wins():
   seed, task_a = make_model(rng, np.float32)
   _, task_b = make_model(rng, np.float32)
   task_b = jax.tree.map(lambda s, b: s + (b - s) * 3.0, seed, task_b)
-  subset_a = _subset.extract_subset(seed, task_a, 0.3, mask=head_free)
-  subset_b = _subset.extract_subset(seed, task_b, 0.3, mask=head_free)
+  subset_a = _subset_extract.extract_subset(seed, task_a, 0.3, mask=head_free)
+  subset_b = _subset_extract.extract_subset(seed, task_b, 0.3, mask=head_free)
   params, overlaps = _subset.compose(seed, [subset_a, subset_b])
   by_tensor = {overlap.tensor: overlap for overlap in overlaps}
   for path in ("encoder/kernel", "encoder/bias"):
@@ -267,8 +267,8 @@ def test_compose_rejects_subsets_of_different_seeds():
   with pytest.raises(_subset.SubsetError, match="'encoder/bias'"):
     _subset.compose_subsets(
       [
-        _subset.extract_subset(seed_a, finetuned_a, 0.1),
-        _subset.extract_subset(seed_b, finetuned_b, 0.1),
+        _subset_extract.extract_subset(seed_a, finetuned_a, 0.1),
+        _subset_extract.extract_subset(seed_b, finetuned_b, 0.1),
       ]
     )
 
@@ -281,8 +281,8 @@ def test_switch_subset_on_device_matches_apply(dtype, donate):
   rng = np.random.default_rng(8)
   seed, task_a = make_model(rng, dtype)
   _, task_b = make_model(rng, dtype)
-  subset_a = _subset.extract_subset(seed, task_a, 0.1, mask=head_free)
-  subset_b = _subset.extract_subset(seed, task_b, 0.2, mask=head_free)
+  subset_a = _subset_extract.extract_subset(seed, task_a, 0.1, mask=head_free)
+  subset_b = _subset_extract.extract_subset(seed, task_b, 0.2, mask=head_free)
   device_seed = jax.tree.map(jnp.asarray, seed)
   patches_a = _subset.device_patches(subset_a)
   patches_b = _subset.device_patches(subset_b)
@@ -298,7 +298,7 @@ def test_switch_subset_on_device_matches_apply(dtype, donate):
 
 def test_apply_keeps_jax_leaves_on_device():
   seed, finetuned = make_model(np.random.default_rng(9), np.float32)
-  subset = _subset.extract_subset(seed, finetuned, 0.1)
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
   rebuilt = _subset.apply_subset(jax.tree.map(jnp.asarray, seed), subset)
   assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(rebuilt))
   assert_trees_bitwise_equal(rebuilt, _subset.apply_subset(seed, subset))
@@ -306,7 +306,7 @@ def test_apply_keeps_jax_leaves_on_device():
 
 def test_precomputed_fingerprints_are_used_for_checks():
   seed, finetuned = make_model(np.random.default_rng(10), np.float32)
-  subset = _subset.extract_subset(seed, finetuned, 0.1)
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
   fingerprints = _subset.seed_fingerprints(seed)
   fingerprints["head"] = "0" * 32
   with pytest.raises(_subset.SubsetError, match="'head'"):

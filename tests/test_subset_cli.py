@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import dst_optax
-from dst_optax import _cli, _subset, _subset_io, _subset_stream
+from dst_optax import _cli, _subset, _subset_extract, _subset_io
 
 
 def bits(array) -> np.ndarray:
@@ -28,11 +28,11 @@ def checkpoints(tmp_path):
     "head": rng.normal(size=(16, 2)).astype(np.float32),
   }
   files = {"seed": tmp_path / "seed.safetensors"}
-  _subset_stream.save_params(seed, files["seed"])
+  _subset_extract.save_params(seed, files["seed"])
   for task in ("a", "b"):
     finetuned = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(x.dtype), seed)
     files[task] = tmp_path / f"{task}.safetensors"
-    _subset_stream.save_params(finetuned, files[task])
+    _subset_extract.save_params(finetuned, files[task])
   return files
 
 
@@ -57,9 +57,9 @@ def test_extract_inspect_apply_rebuilds_the_projection(tmp_path, checkpoints, ca
   assert "25 of 512 constrained coordinates" in capsys.readouterr().out
   rebuilt_file = tmp_path / "rebuilt.safetensors"
   assert run("apply", checkpoints["seed"], subset_file, "-o", rebuilt_file) == 0
-  rebuilt = _subset_stream.load_params(_subset_stream.safetensors_source(rebuilt_file))
-  seed = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints["seed"]))
-  finetuned = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints["a"]))
+  rebuilt = _subset_extract.load_params(_subset_extract.safetensors_source(rebuilt_file))
+  seed = _subset_extract.load_params(_subset_extract.safetensors_source(checkpoints["seed"]))
+  finetuned = _subset_extract.load_params(_subset_extract.safetensors_source(checkpoints["a"]))
   np.testing.assert_array_equal(bits(rebuilt["head"]), bits(finetuned["head"]))
   changed = _subset.changed_indices(seed["encoder"]["kernel"], rebuilt["encoder"]["kernel"])
   assert changed.size == 25
@@ -107,7 +107,7 @@ def test_bad_inputs_exit_with_status_2_and_a_message(
 
 
 def test_mismatched_shapes_fail_at_extraction(tmp_path, checkpoints, capsys):
-  _subset_stream.save_params(
+  _subset_extract.save_params(
     {"encoder": {"kernel": np.zeros((16, 32), np.float32)}, "head": np.zeros((16, 2), np.float32)},
     tmp_path / "other.safetensors",
   )
@@ -139,13 +139,13 @@ def test_train_export_and_rebuild_from_the_command_line(tmp_path):
 
   for _ in range(4):
     params, opt_state = step(params, opt_state)
-  subset = _subset.extract_subset_from_state(params, dst_optax.find_state(opt_state), 0.1)
+  subset = _subset_extract.extract_subset_from_state(params, dst_optax.find_state(opt_state), 0.1)
   _subset_io.save_subset(subset, tmp_path / "task.subset")
-  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
   assert run("apply", tmp_path / "seed.safetensors", tmp_path / "task.subset", "-o",
              tmp_path / "rebuilt.safetensors") == 0  # fmt: skip
-  rebuilt = _subset_stream.load_params(
-    _subset_stream.safetensors_source(tmp_path / "rebuilt.safetensors")
+  rebuilt = _subset_extract.load_params(
+    _subset_extract.safetensors_source(tmp_path / "rebuilt.safetensors")
   )
   expected = dst_optax.project_to_budget(params, seed, 0.1)
   np.testing.assert_array_equal(
@@ -158,7 +158,7 @@ def test_extract_from_orbax_checkpoints(tmp_path, checkpoints, capsys):
   ocp = pytest.importorskip("orbax.checkpoint")
   checkpointer = ocp.PyTreeCheckpointer()
   for task in ("seed", "a"):
-    params = _subset_stream.load_params(_subset_stream.safetensors_source(checkpoints[task]))
+    params = _subset_extract.load_params(_subset_extract.safetensors_source(checkpoints[task]))
     checkpointer.save(tmp_path / f"{task}_orbax", {"params": params, "step": np.int32(3)})
   from_orbax, from_files = tmp_path / "orbax.subset", tmp_path / "files.subset"
   assert run(

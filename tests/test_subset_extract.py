@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dst_optax
-from dst_optax import _subset, _subset_stream
+from dst_optax import _subset, _subset_extract
 
 SILOS = {
   "per_tensor": dst_optax.PerTensor(),
@@ -45,6 +45,15 @@ def make_model():
   return seed, finetuned
 
 
+def assert_rebuilds_core_projection(subset: _subset.Subset, seed, finetuned, silos) -> None:
+  """The subset rebuilds exactly what the core's whole-tree projection keeps."""
+  expected = dst_optax.project_to_budget(finetuned, seed, 0.2, silos, mask=head_free)
+  rebuilt = _subset.apply_subset(seed, subset)
+  for path, leaf in _subset.named_leaves(expected).items():
+    actual = np.asarray(_subset.named_leaves(rebuilt)[path])
+    np.testing.assert_array_equal(actual.view(np.uint8), np.asarray(leaf).view(np.uint8), path)
+
+
 def assert_same_subset(actual: _subset.Subset, expected: _subset.Subset) -> None:
   assert list(actual.tensors) == list(expected.tensors)
   for path, tensor in expected.tensors.items():
@@ -64,37 +73,38 @@ def assert_same_subset(actual: _subset.Subset, expected: _subset.Subset) -> None
 )
 def test_streaming_from_safetensors_equals_in_memory_extraction(tmp_path, kind):
   seed, finetuned = make_model()
-  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
-  _subset_stream.save_params(finetuned, tmp_path / "finetuned.safetensors")
-  streamed = _subset_stream.extract_subset_streaming(
-    _subset_stream.safetensors_source(tmp_path / "seed.safetensors"),
-    _subset_stream.safetensors_source(tmp_path / "finetuned.safetensors"),
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  streamed = _subset_extract.extract_subset_streaming(
+    _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
+    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
     0.2,
     SILOS[kind],
     mask=head_free,
   )
-  expected = _subset.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
+  expected = _subset_extract.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
   assert_same_subset(streamed, expected)
+  assert_rebuilds_core_projection(streamed, seed, finetuned, SILOS[kind])
 
 
 def test_streaming_rejects_mismatched_checkpoints(tmp_path):
   seed, finetuned = make_model()
   finetuned["encoder"]["kernel"] = finetuned["encoder"]["kernel"][:, :5]
-  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
-  _subset_stream.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
   with pytest.raises(_subset.SubsetError, match="'encoder/kernel' has shape"):
-    _subset_stream.extract_subset_streaming(
-      _subset_stream.safetensors_source(tmp_path / "seed.safetensors"),
-      _subset_stream.safetensors_source(tmp_path / "finetuned.safetensors"),
+    _subset_extract.extract_subset_streaming(
+      _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
+      _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
       0.2,
     )
 
 
 def test_params_file_round_trip_keeps_the_tree(tmp_path):
   seed, _ = make_model()
-  _subset_stream.save_params(seed, tmp_path / "seed.safetensors")
-  loaded = _subset_stream.load_params(
-    _subset_stream.safetensors_source(tmp_path / "seed.safetensors")
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  loaded = _subset_extract.load_params(
+    _subset_extract.safetensors_source(tmp_path / "seed.safetensors")
   )
   assert jax.tree.structure(loaded) == jax.tree.structure(seed)
   for path, leaf in _subset.named_leaves(seed).items():
@@ -118,7 +128,7 @@ def test_orbax_streaming_equals_in_memory_extraction(tmp_path, kind):
     mask=head_free,
     finetuned_item=("params",),
   )
-  expected = _subset.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
+  expected = _subset_extract.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
   assert_same_subset(streamed, expected)
 
 

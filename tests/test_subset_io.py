@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dst_optax
-from dst_optax import _subset, _subset_io
+from dst_optax import _subset, _subset_extract, _subset_io
 
 
 def bits(array) -> np.ndarray:
@@ -37,7 +37,7 @@ def make_subset(dtype, fraction=0.1, silos=None):
   finetuned = jax.tree.map(
     lambda x: (x.astype(np.float32) + 0.1 * rng.normal(size=x.shape)).astype(dtype), seed
   )
-  subset = _subset.extract_subset(
+  subset = _subset_extract.extract_subset(
     seed, finetuned, fraction, silos or dst_optax.PerTensor(), mask=head_free
   )
   return seed, subset
