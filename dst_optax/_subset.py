@@ -7,11 +7,11 @@ constrain (``Unconstrained`` silos, ``mask=False``, non-float leaves; e.g. a new
 classification head) are stored whole ("dense"): their seed values are
 arbitrary, so the fine-tuned values cannot be expressed against them.
 
-Exactness. :func:`extract_subset` first calls :func:`dst_optax.project_to_budget`,
-which keeps at most ``floor(ε · |S|)`` coordinates per silo and sets every
-other one to the seed with a select, so any rounding residue of training is
-dropped; changed coordinates are then found by comparing bit patterns (``-0.0``
-vs ``0.0`` and NaN payloads count as changes). :func:`apply_subset` writes the
+Exactness. Extraction (:mod:`dst_optax._subset_extract`) keeps exactly the
+coordinates :func:`dst_optax.project_to_budget` keeps, at most ``floor(ε · |S|)``
+per silo, and treats every other one as equal to the seed, so any rounding
+residue of training is dropped; changed coordinates are then found by comparing
+bit patterns (``-0.0`` vs ``0.0`` and NaN payloads count as changes). :func:`apply_subset` writes the
 stored values with a scatter, so ``apply_subset(seed, extract_subset(seed, p))``
 equals the projection of ``p`` bit for bit.
 
