@@ -11,9 +11,10 @@ Exactness. Extraction (:mod:`dst_optax._subset_extract`) keeps exactly the
 coordinates :func:`dst_optax.project_to_budget` keeps, at most ``floor(ε · |S|)``
 per silo, and treats every other one as equal to the seed, so any rounding
 residue of training is dropped; changed coordinates are then found by comparing
-bit patterns (``-0.0`` vs ``0.0`` and NaN payloads count as changes). :func:`apply_subset` writes the
-stored values with a scatter, so ``apply_subset(seed, extract_subset(seed, p))``
-equals the projection of ``p`` bit for bit.
+bit patterns (``-0.0`` vs ``0.0`` and NaN payloads count as changes).
+:func:`apply_subset` writes the stored values with a scatter, so
+``apply_subset(seed, extract_subset(seed, p))`` equals the projection of ``p``
+bit for bit.
 
 Seed identity. Every sparse tensor records a fingerprint (SHA-256 of dtype, shape
 and bytes) of the seed tensor it was extracted against; applying the subset to a
@@ -151,6 +152,11 @@ def named_leaves(tree: Any) -> dict[str, Any]:
   return leaves
 
 
+def dtype_of(leaf: Any) -> np.dtype:
+  """A leaf's own dtype (not JAX's canonical one), without copying arrays to the host."""
+  return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
 def _bits(array: np.ndarray) -> np.ndarray:
   """The array's bit patterns as unsigned integers (bool/int/float of any width)."""
   return array.view(np.dtype(f"u{array.dtype.itemsize}"))
@@ -270,10 +276,9 @@ def check_seed(seed_leaves: Mapping[str, Any], subset: Subset, fingerprints: Map
         f"seed leaf {path!r} has shape {tuple(np.shape(leaf))} but the subset was extracted for "
         f"shape {tensor.shape}"
       )
-    if np.dtype(jnp.result_type(leaf)) != tensor.dtype:
+    if dtype_of(leaf) != tensor.dtype:
       raise SubsetError(
-        f"seed leaf {path!r} has dtype {jnp.result_type(leaf)} but the subset stores "
-        f"{tensor.dtype} values"
+        f"seed leaf {path!r} has dtype {dtype_of(leaf)} but the subset stores {tensor.dtype} values"
       )
     if not tensor.dense:
       found = fingerprints.get(path) or tensor_fingerprint(leaf)

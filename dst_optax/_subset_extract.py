@@ -35,6 +35,7 @@ from dst_optax._subset import (
   SubsetError,
   TensorSubset,
   distance_description,
+  dtype_of,
   leaf_budgets,
   named_leaves,
   silos_description,
@@ -150,9 +151,7 @@ def load_params(source: ParamSource) -> dict[str, Any]:
 def memory_source(params: Any, description: str) -> ParamSource:
   """A :class:`ParamSource` over a parameter tree in memory (NumPy or JAX leaves)."""
   leaves = named_leaves(params)
-  abstract = jax.tree.map(
-    lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), getattr(leaf, "dtype", None)), params
-  )
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), dtype_of(leaf)), params)
   return ParamSource(abstract, leaves.__getitem__, description)
 
 
@@ -268,6 +267,21 @@ def _check_sources(seed: ParamSource, finetuned: ParamSource) -> dict[str, Any]:
   return finetuned_leaves
 
 
+def _check_dtypes_jax_keeps(abstract_leaves: dict[str, Any], layout: _silos.SiloLayout) -> None:
+  """Constrained leaves must have a dtype JAX computes in (float64 needs x64).
+
+  Otherwise the selection would run on narrowed values and could count
+  rounding as changes.
+  """
+  for (path, abstract), leaf in zip(abstract_leaves.items(), layout.leaves, strict=True):
+    canonical = jax.dtypes.canonicalize_dtype(abstract.dtype)
+    if leaf is not None and canonical != abstract.dtype:
+      raise SubsetError(
+        f"leaf {path!r} has dtype {abstract.dtype}, which JAX computes as {canonical} "
+        "unless jax_enable_x64 is set; cast it, enable x64, or mark it Unconstrained"
+      )
+
+
 def extract_subset_streaming(
   seed: ParamSource,
   finetuned: ParamSource,
@@ -289,6 +303,7 @@ def extract_subset_streaming(
   """
   abstract_leaves = _check_sources(seed, finetuned)
   layout = _silos.build_layout(finetuned.abstract, silos, mask)
+  _check_dtypes_jax_keeps(abstract_leaves, layout)
   specs = _silos._spec_per_leaf(silos, finetuned.abstract)
   budgets = leaf_budgets(finetuned.abstract, fraction_of_free_params, silos, mask)
   offsets = [leaf.offset for leaf in layout.leaves if leaf is not None]

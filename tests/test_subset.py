@@ -311,3 +311,13 @@ def test_precomputed_fingerprints_are_used_for_checks():
   fingerprints["head"] = "0" * 32
   with pytest.raises(_subset.SubsetError, match="'head'"):
     _subset.apply_subset(seed, subset, fingerprints=fingerprints)
+
+
+def test_float64_leaves_without_x64_are_rejected_naming_the_leaf():
+  seed = {"w": np.zeros(4, np.float32), "scale": np.ones(3, np.float64)}
+  finetuned = {"w": np.ones(4, np.float32), "scale": np.full(3, 2.0)}
+  with pytest.raises(_subset.SubsetError, match="'scale' has dtype float64"):
+    _subset_extract.extract_subset(seed, finetuned, 0.5)
+  unconstrained = {"w": True, "scale": False}
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.5, mask=unconstrained)
+  np.testing.assert_array_equal(_subset.apply_subset(seed, subset)["scale"], finetuned["scale"])
