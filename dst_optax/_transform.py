@@ -318,10 +318,17 @@ def project_to_budget(
       raise ValueError(
         f"seed leaf {path!r} has dtype {jnp.result_type(s)} but the param has {jnp.result_type(p)}"
       )
-  budgets = layout.budgets(fraction_of_free_params)
-  selection = _select(leaves_p, leaves_s, layout, budgets, _distances.resolve_distance(distance))
-  projected = [
-    p if keep is None else jnp.where(keep, p, s)
-    for p, s, keep in zip(leaves_p, leaves_s, selection.masks, strict=True)
-  ]
+  distance_fn = _distances.resolve_distance(distance)
+
+  # One compiled program: run eagerly, the selection loop would dispatch (and
+  # compile) its operations one by one.
+  @jax.jit
+  def project(leaves_p, leaves_s, budgets):
+    selection = _select(leaves_p, leaves_s, layout, budgets, distance_fn)
+    return [
+      p if keep is None else jnp.where(keep, p, s)
+      for p, s, keep in zip(leaves_p, leaves_s, selection.masks, strict=True)
+    ]
+
+  projected = project(leaves_p, leaves_s, layout.budgets(fraction_of_free_params))
   return jax.tree.unflatten(treedef, projected)
