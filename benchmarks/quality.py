@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     help="DST silo kinds (baselines are matched to the per-tensor budget)",
   )
   parser.add_argument("--seeds", nargs="+", type=int, default=(0,))
+  parser.add_argument(
+    "--learning-rate", type=float, help="overrides every method's default learning rate"
+  )
   parser.add_argument("--steps", type=int, default=80)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--max-length", type=int, default=48)
@@ -167,15 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     record(f"zero-shot|{config_key}", result, {"method": "zero-shot"})
   for run in grid:
     method = _baselines.matched_method(
-      run["method"], pretrained.params, run["fraction"], run["silos"], seed=run["seed"]
+      run["method"],
+      pretrained.params,
+      run["fraction"],
+      run["silos"],
+      args.learning_rate,
+      run["seed"],
     )
+    if args.learning_rate is not None:
+      method = method._replace(label=f"{method.label} lr={args.learning_rate:g}")
     # The label names the configuration (rank, length, ε), so repeats across ε collapse.
     key = f"{method.label}|seed={run['seed']}|{config_key}"
     if key in done:
       continue
     config = _train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
     result = _train.run_method(pretrained, method, prototypes, train_split, test_split, config)
-    record(key, result, {"method": run["method"], "fraction": run["fraction"], **run})
+    rate = args.learning_rate or _baselines.DEFAULT_LEARNING_RATES[run["method"]]
+    record(key, result, {**run, "learning_rate": rate})
   return 0
 
 
