@@ -29,7 +29,6 @@ pytestmark = [
 import jax  # noqa: E402
 
 import dst_optax  # noqa: E402
-from dst_optax import _subset, _subset_io  # noqa: E402
 from dst_optax import t5x as dst_t5x  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -168,10 +167,10 @@ def test_export_writes_a_subset_within_the_budget(tmp_path, finetuned):
     ],
     check=True,
   )
-  subset = _subset_io.load_subset(output)
+  subset = dst_optax.load_subset(output)
   checkpoint = dst_t5x.load_checkpoint(str(model_dir))
   seed = dst_t5x.stored_seed(checkpoint)
-  restored = _subset.apply_subset(seed, subset)
+  restored = dst_optax.apply_subset(seed, subset)
   for path, tensor in subset.tensors.items():
     assert tensor.num_changed <= int(np.floor(FRACTION * np.prod(tensor.shape))), path
   # The exported model is the checkpoint materialised within the budget, bit for bit.

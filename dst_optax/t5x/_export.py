@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 import dst_optax
-from dst_optax import _subset, _subset_io
 from dst_optax.t5x import _factory, _import
 
 # Item of an Orbax-format T5X checkpoint that holds ``target`` and ``state``.
@@ -93,7 +92,7 @@ def export_subset(
   silos: str = "per_tensor",
   distance: str = "absolute",
   unconstrained_patterns: Sequence[str] = (),
-) -> _subset.Subset:
+) -> dst_optax.Subset:
   """Extracts the DST subset of a fine-tuned T5X checkpoint and saves it.
 
   The subset is exact: at most ``floor(ε · |S|)`` changed coordinates per silo,
@@ -119,7 +118,7 @@ def export_subset(
     if seed_checkpoint is None
     else load_checkpoint(seed_checkpoint)["target"]
   )
-  subset = _subset.extract_subset(
+  subset = dst_optax.extract_subset(
     seed,
     finetuned["target"],
     fraction_of_free_params,
@@ -127,5 +126,5 @@ def export_subset(
     distance=distance,
     mask=_factory.constrained_mask(unconstrained_patterns),
   )
-  _subset_io.save_subset(subset, output)
+  dst_optax.save_subset(subset, output)
   return subset
