@@ -16,6 +16,7 @@ from collections.abc import Sequence
 _COMMANDS = {
   "subset": ("dst_optax._subset_cli", None),
   "demo": ("dst_optax.demo._cli", "demo"),
+  "t5x-export": ("dst_optax.t5x._cli", "t5x"),
 }
 
 

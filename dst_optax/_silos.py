@@ -158,12 +158,16 @@ class SiloLayout(NamedTuple):
       fractions = jnp.minimum(fraction_of_free_params * self.budget_scales, 1.0)
       budgets = jnp.floor(fractions * self.silo_sizes)
       return jnp.clip(budgets, 0, self.silo_sizes).astype(jnp.int32)
-    fractions = np.minimum(float(fraction_of_free_params) * self.budget_scales, 1.0)
-    return jnp.asarray(np.floor(fractions * self.silo_sizes), dtype=jnp.int32)
+    return jnp.asarray(self.concrete_budgets(float(fraction_of_free_params)), dtype=jnp.int32)
+
+  def concrete_budgets(self, fraction_of_free_params: float) -> np.ndarray:
+    """Per-silo budgets for a concrete ε, in NumPy (float64), usable while tracing."""
+    fractions = np.minimum(fraction_of_free_params * self.budget_scales, 1.0)
+    return np.floor(fractions * self.silo_sizes).astype(np.int64)
 
   def frozen_silo_report(self, fraction_of_free_params: float) -> str | None:
     """Describes the leaves whose silos get a zero budget, or ``None``."""
-    budgets = np.asarray(self.budgets(fraction_of_free_params))
+    budgets = self.concrete_budgets(fraction_of_free_params)
     frozen = []
     for path, leaf in zip(self.paths, self.leaves, strict=True):
       if leaf is not None:

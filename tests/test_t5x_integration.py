@@ -103,12 +103,6 @@ def test_unconstrained_patterns_train_matching_params_freely():
   assert changed["encoder"]["layers_0"]["mlp"]["wi"]["kernel"] == 24
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=jax.errors.TracerArrayConversionError,
-  reason="core bug: the frozen-silo warning in init converts a traced budget to numpy "
-  "under jit (dst_optax._silos.frozen_silo_report); remove this mark with the fix",
-)
 def test_init_works_under_jit_as_t5x_calls_it():
   # T5X builds the train state with jax.eval_shape and then a jitted init.
   tx = optax.chain(optax.adafactor(1e-3), dst_t5x.dynamic_subset_tuning(0.25))
