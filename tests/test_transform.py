@@ -513,3 +513,17 @@ def test_stats_track_entries_and_exits():
       exited,
       2,
     )
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="known bug of the radix selection (dst_optax/_selection.py): compiled together with "
+  "adam's first step, straddling ties select 29 coordinates for a budget of 20; the "
+  "bisection selection of commit af0e41e selects 20. Remove this mark with the fix.",
+)
+def test_budget_holds_for_adam_first_step_ties_under_jit():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (32, 64)) / 6}
+  tx = optax.chain(optax.adam(1e-2), dst_optax.dynamic_subset_tuning(0.01))
+  grads = {"w": jnp.sin(params["w"] * 50)}
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert int(jnp.sum(updates["w"] != 0)) <= math.floor(0.01 * 32 * 64)
