@@ -187,6 +187,24 @@ def _is_spec(value: Any) -> bool:
   return isinstance(value, _SPEC_TYPES)
 
 
+def _broadcast_prefix(
+  prefix: Any, params: optax.Params, mismatch: str, is_leaf: Callable[[Any], bool] | None = None
+) -> list[Any]:
+  """One value per param leaf from a tree that matches (a prefix of) ``params``."""
+  try:
+    full = jax.tree.map(
+      lambda value, subtree: jax.tree.map(lambda _: value, subtree), prefix, params, is_leaf=is_leaf
+    )
+  except ValueError as error:
+    raise ValueError(f"{mismatch}: {error}") from None
+  return jax.tree.leaves(full, is_leaf=is_leaf)
+
+
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+  """The leaves of a pytree keyed by their readable :func:`path_name`."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _spec_per_leaf(silos: Silos, params: optax.Params) -> list[SiloSpec]:
   """Expands ``silos`` (spec, callable or spec-tree prefix) to one spec per leaf."""
   leaves_with_paths = jax.tree_util.tree_leaves_with_path(params)
@@ -195,19 +213,13 @@ def _spec_per_leaf(silos: Silos, params: optax.Params) -> list[SiloSpec]:
   if callable(silos):
     specs = [silos(path, leaf) for path, leaf in leaves_with_paths]
   else:
-    try:
-      spec_tree = jax.tree.map(
-        lambda spec, subtree: jax.tree.map(lambda _: spec, subtree),
-        silos,
-        params,
-        is_leaf=lambda x: _is_spec(x) or x is None,
-      )
-    except ValueError as error:
-      raise ValueError(
-        "`silos` must be a silo spec, a callable (path, leaf) -> spec, or a pytree of "
-        f"specs matching (a prefix of) the parameters; the tree does not match: {error}"
-      ) from None
-    specs = jax.tree.leaves(spec_tree, is_leaf=lambda x: _is_spec(x) or x is None)
+    specs = _broadcast_prefix(
+      silos,
+      params,
+      "`silos` must be a silo spec, a callable (path, leaf) -> spec, or a pytree of specs "
+      "matching (a prefix of) the parameters; the tree does not match",
+      is_leaf=lambda x: _is_spec(x) or x is None,
+    )
   for (path, _), spec in zip(leaves_with_paths, specs, strict=True):
     if not _is_spec(spec):
       raise TypeError(
@@ -222,16 +234,11 @@ def _mask_per_leaf(mask: Any, params: optax.Params) -> list[bool]:
   num_leaves = len(jax.tree.leaves(params))
   if mask is None:
     return [True] * num_leaves
-  mask_tree = mask(params) if callable(mask) else mask
-  try:
-    mask_tree = jax.tree.map(
-      lambda flag, subtree: jax.tree.map(lambda _: flag, subtree), mask_tree, params
-    )
-  except ValueError as error:
-    raise ValueError(
-      f"`mask` must match (a prefix of) the parameter tree; it does not: {error}"
-    ) from None
-  flags = jax.tree.leaves(mask_tree)
+  flags = _broadcast_prefix(
+    mask(params) if callable(mask) else mask,
+    params,
+    "`mask` must match (a prefix of) the parameter tree; it does not",
+  )
   return [bool(flag) for flag in flags]
 
 

@@ -76,12 +76,8 @@ def _check_fraction(fraction_of_free_params: Fraction) -> None:
 
 def _check_same_structure(name: str, tree: Any, params: optax.Params) -> None:
   """Raises a ValueError naming the first path where ``tree`` differs from params."""
-  tree_leaves = dict(
-    (_silos.path_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  )
-  param_leaves = dict(
-    (_silos.path_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-  )
+  tree_leaves = _silos.leaves_by_path(tree)
+  param_leaves = _silos.leaves_by_path(params)
   missing = sorted(param_leaves.keys() - tree_leaves.keys())
   extra = sorted(tree_leaves.keys() - param_leaves.keys())
   if missing or extra:
