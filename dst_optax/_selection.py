@@ -429,7 +429,7 @@ def select_top_k(
     tied = leaf_keys == silo_values_for_leaf(threshold, leaf, leaf_keys.ndim)
     return jnp.where(tied, _reversed_positions(leaf_keys.shape, leaf, base), 0)
 
-  def position_cutoff() -> jax.Array:
+  def position_cutoff(keys: list[jax.Array | None]) -> jax.Array:
     """Per silo the smallest reversed position of a selected tie."""
     tie_keys = [
       None if leaf is None else functools.partial(tied_positions, leaf_keys, leaf, base)
@@ -441,17 +441,29 @@ def select_top_k(
     found_ties = _kth_largest(tie_keys, layout, plan, needed, start)
     return jnp.where(straddling, found_ties.lo, 0)
 
+  def masks_for(cutoff: jax.Array, keys: list[jax.Array | None]) -> list[jax.Array | None]:
+    masks = []
+    for leaf_keys, leaf, base in zip(keys, layout.leaves, plan.leaf_silo_base, strict=True):
+      if leaf is None:
+        masks.append(None)
+        continue
+      per_leaf = functools.partial(silo_values_for_leaf, leaf=leaf, ndim=leaf_keys.ndim)
+      leaf_threshold = per_leaf(threshold)
+      in_cutoff = _reversed_positions(leaf_keys.shape, leaf, base) >= per_leaf(cutoff)
+      take_tie = (leaf_keys == leaf_threshold) & per_leaf(positive) & in_cutoff
+      masks.append((leaf_keys > leaf_threshold) | take_tie)
+    return masks
+
+  # The masks are computed inside the branches, from the keys as branch operands:
+  # a compiler that recomputed the keys for the masks outside (fusing their
+  # producer again) could round them differently (e.g. contracting p + a·b into
+  # an FMA in one place only) and select a different set than the search counted.
   # Silos without straddling ties take every tie: every reversed position is ≥ 0.
-  cutoff = lax.cond(jnp.any(straddling), position_cutoff, lambda: jnp.zeros_like(threshold))
-  masks = []
-  for leaf_keys, leaf, base in zip(keys, layout.leaves, plan.leaf_silo_base, strict=True):
-    if leaf is None:
-      masks.append(None)
-      continue
-    per_leaf = functools.partial(silo_values_for_leaf, leaf=leaf, ndim=leaf_keys.ndim)
-    leaf_threshold = per_leaf(threshold)
-    in_cutoff = _reversed_positions(leaf_keys.shape, leaf, base) >= per_leaf(cutoff)
-    take_tie = (leaf_keys == leaf_threshold) & per_leaf(positive) & in_cutoff
-    masks.append((leaf_keys > leaf_threshold) | take_tie)
+  masks = lax.cond(
+    jnp.any(straddling),
+    lambda keys: masks_for(position_cutoff(keys), keys),
+    lambda keys: masks_for(jnp.zeros_like(threshold), keys),
+    keys,
+  )
   threshold_value = lax.bitcast_convert_type(threshold, jnp.float32)
   return Selection(masks, threshold_value, num_selected)
