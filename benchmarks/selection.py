@@ -142,24 +142,33 @@ class SteadyStateSteps:
     """A steady-state update (``ours``: state from earlier steps) and its memory."""
     optimizer = _optimizer(method, fraction, silo_kind)
     key = (method, silo_kind) if method in ("adam", "ours") else (method, silo_kind, fraction)
-    state = optimizer.init(self.params)
-    current = self.params
+    # Fresh copies: donation consumes them (a sort-based state holds the params).
+    state = jax.tree.map(jnp.copy, optimizer.init(self.params))
+    current = jax.tree.map(jnp.copy, self.params)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     if key not in self.compiled:
 
       def update(grads, state, params):
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-      self.compiled[key] = jax.jit(update).lower(self.grads[-1], state, current).compile()
+      # Params and state donated, as in a training loop: each step writes in place.
+      jitted = jax.jit(update, donate_argnums=(1, 2))
+      self.compiled[key] = jitted.lower(self.grads[-1], state, current).compile()
     compiled = self.compiled[key]
     if method == "ours":
       for step_grads in self.grads[:-1]:
         current, state = compiled(step_grads, state, current)
-    step = lambda: compiled(self.grads[-1], state, current)
+    carry = [current, state]
+
+    def step() -> Any:
+      carry[:] = compiled(self.grads[-1], carry[1], carry[0])
+      return carry
+
     jax.block_until_ready(step())
     memory = compiled.memory_analysis()
     return step, {
-      "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+      "state_bytes": state_bytes,
       "temp_bytes": getattr(memory, "temp_size_in_bytes", float("nan")),
     }
 

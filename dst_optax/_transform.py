@@ -215,10 +215,13 @@ def dynamic_subset_tuning(
         f"{layout.num_silos} for these params; was the state built for other params?"
       )
     budgets = layout.budgets(fraction_at(state.count))
-    # An elementwise select (not lax.cond) fuses into the passes that read the
-    # seed instead of copying the whole tree every step.
-    first_step = state.count == 0
-    seed_tree = jax.tree.map(lambda p, s: jnp.where(first_step, p, s), params, state.seed)
+    # A cond, not an elementwise select: under buffer donation the steady-state
+    # branch hands the seed buffers through untouched instead of rewriting them.
+    seed_tree = jax.lax.cond(
+      state.count == 0,
+      lambda: params,
+      lambda: jax.tree.map(lambda p, s: jnp.asarray(s, p.dtype), params, state.seed),
+    )
 
     leaves_u, treedef = jax.tree.flatten(updates)
     leaves_p = treedef.flatten_up_to(params)
