@@ -1,4 +1,4 @@
-"""Exact silo-wise top-k selection by radix histograms, without sorting.
+"""Exact silo-wise top-k selection by radix passes, without sorting.
 
 For each silo ``S`` with budget ``k_S`` we select the ``k_S`` coordinates with
 the largest distance Δ among those with Δ > 0 (a coordinate at distance 0 equals
@@ -23,8 +23,12 @@ Passes over parameter-sized arrays are what costs (each is ~0.3-0.5 of an Adam
 update on CPU), not arithmetic. So:
 
 * ``b`` grows with the silo size (up to 16 bits: a cold search of a silo of 1M
-  coordinates is 2 passes; a row of 1024 uses 6 bits), keeping each silo's
-  histogram at 1/16-1/32 of the silo;
+  coordinates is 2 passes), keeping each silo's histogram at 1/16-1/32 of the
+  silo;
+* silos under 4096 coordinates (rows, columns, small tensors) could afford only
+  4-7-bit histograms; they are counted instead: 3-bit passes whose nine slot
+  counts ``#{key ≥ bucket start}`` come from one fused reduction of compares,
+  several times cheaper per key than a scatter on CPU;
 * a warm start from the previous step's threshold opens a window of
   ``±2^21`` keys (Δ within about ±25%) and needs ``ceil(22 / b)`` passes;
 * leaves whose silos are all resolved skip the pass (``lax.cond``);
@@ -33,8 +37,12 @@ update on CPU), not arithmetic. So:
   ``ceil(log2 |S| / b)`` passes and runs only when some silo has such ties.
 
 Every pass is elementwise work plus a scatter-add into a small replicated
-histogram, which an SPMD partitioner turns into a local histogram and an
-all-reduce: sharded silos are never gathered.
+histogram or a reduction, which an SPMD partitioner turns into local counts and
+an all-reduce (or a gather of the per-silo counts): keys are never gathered.
+
+The keys are read from one materialised array by every pass, the tie-break and
+the masks: recomputed in another fused loop, Δ could round differently and the
+masks would not select the set the search counted.
 """
 
 from __future__ import annotations
@@ -61,6 +69,13 @@ _INFINITY_KEY = 0x7F800000
 _MIN_DIGIT_BITS = 4
 _MAX_DIGIT_BITS = 16
 _DIGIT_BITS_HEADROOM = 5
+# Silos smaller than 2^_COUNTED_SIZE_BITS (e.g. rows) are searched by counting
+# passes instead of histograms: one variadic reduction of 2^_COUNTED_DIGIT_BITS + 1
+# compares per key. On CPU that costs ~0.8 ns a key against ~3.3 ns for a scatter
+# pass (which materialises its slot indices and unit updates), while the narrow
+# histograms that small silos can afford resolve only 4-7 bits a pass.
+_COUNTED_SIZE_BITS = 12
+_COUNTED_DIGIT_BITS = 3
 # Warm-start window: ±2^(_WARM_WINDOW_BITS - 1) keys around the last threshold,
 # i.e. Δ may move by about ±25% between steps and stay inside.
 _WARM_WINDOW_BITS = 22
@@ -133,15 +148,17 @@ def count_per_silo(
 
 
 class _BucketClass(NamedTuple):
-  """Silos sharing one digit width, whose histograms stack into one array.
+  """Silos sharing one digit width, whose bucket counts stack into one array.
 
   Attributes:
-    digit_bits: ``b``; each histogram has ``2^b + 2`` slots.
+    digit_bits: ``b``; each silo has ``2^b + 2`` slots.
     silo_ids: ``(n,)`` the silos of this class.
+    counted: buckets are counted by compares (small silos), not by a histogram.
   """
 
   digit_bits: int
   silo_ids: np.ndarray
+  counted: bool
 
 
 class _Plan(NamedTuple):
@@ -168,12 +185,13 @@ def _plan(layout: SiloLayout, shapes: list[tuple[int, ...] | None]) -> _Plan:
   sizes = layout.silo_sizes.astype(np.int64)
   bit_lengths = np.array([int(size).bit_length() for size in sizes], np.int64)
   digit_bits = np.clip(bit_lengths - _DIGIT_BITS_HEADROOM, _MIN_DIGIT_BITS, _MAX_DIGIT_BITS)
+  digit_bits = np.where(bit_lengths <= _COUNTED_SIZE_BITS, _COUNTED_DIGIT_BITS, digit_bits)
   classes = []
   class_of_silo = np.zeros(layout.num_silos, np.int64)
   row_of_silo = np.zeros(layout.num_silos, np.int64)
   for index, bits in enumerate(np.unique(digit_bits)):
     silo_ids = np.flatnonzero(digit_bits == bits)
-    classes.append(_BucketClass(int(bits), silo_ids))
+    classes.append(_BucketClass(int(bits), silo_ids, bool(bits == _COUNTED_DIGIT_BITS)))
     class_of_silo[silo_ids] = index
     row_of_silo[silo_ids] = np.arange(len(silo_ids))
   filled = np.zeros(layout.num_silos, np.int64)
@@ -221,6 +239,32 @@ def _leaf_histogram(
   return histogram.reshape(leaf.num_silos, num_slots)
 
 
+def _leaf_suffix_counts(
+  leaf_keys: jax.Array,
+  leaf: LeafSilos,
+  bits: int,
+  lo: jax.Array,
+  last: jax.Array,
+  shift: jax.Array,
+) -> jax.Array:
+  """Counts one leaf's keys at or above every slot of ``(leaf.num_silos, 2^bits + 2)``.
+
+  Column ``j`` is ``#{key in slot ≥ j}`` for the slots of :func:`_leaf_histogram`
+  (the suffix sums of its histogram), counted by compares in one reduction.
+  """
+  # Keys in slot ≥ 1 + j are those > lo − 1 + j·2^shift; buckets that start past
+  # ``last`` hold nothing, so they count the keys above ``last``. Comparing with
+  # ``start − 1`` keeps every threshold inside int32 (lo ≥ 0, last < 2^31).
+  offsets = [lax.shift_left(jnp.int32(j), shift) for j in range(1 << bits)]
+  thresholds = [jnp.where(o <= last - lo, lo - 1 + o, last) for o in offsets] + [last]
+  per_leaf = lambda values: silo_values_for_leaf(values, leaf, leaf_keys.ndim)
+  flags = tuple((leaf_keys > per_leaf(t)).astype(jnp.int32) for t in thresholds)
+  summed_axes = tuple(axis for axis in range(leaf_keys.ndim) if axis != leaf.axis)
+  counts = lax.reduce(flags, tuple(jnp.int32(0) for _ in flags), _sum_tuples, summed_axes)
+  keys_per_silo = jnp.full(leaf.num_silos, leaf_keys.size // leaf.num_silos, jnp.int32)
+  return jnp.stack([keys_per_silo, *(c.reshape(leaf.num_silos) for c in counts)], axis=1)
+
+
 class _Search(NamedTuple):
   """Per-silo state of the radix search: the k-th key lies in ``[lo, last]``.
 
@@ -235,13 +279,13 @@ class _Search(NamedTuple):
 
 
 def _narrow(
-  search: _Search, histogram: jax.Array, budgets: jax.Array, bits: int, shift: jax.Array
+  search: _Search, at_least: jax.Array, budgets: jax.Array, bits: int, shift: jax.Array
 ) -> _Search:
-  """Moves each silo's interval to the histogram slot holding its k-th key.
+  """Moves each silo's interval to the slot holding its k-th key.
 
   Args:
     search: the class's silos' search state before the pass.
-    histogram: ``(n, 2^bits + 2)`` slot counts of the pass.
+    at_least: ``(n, 2^bits + 2)`` counts of keys in slot ≥ j, per slot j.
     budgets: ``(n,)`` k per silo (≥ 1 for unresolved silos).
     bits: digit bits of the class.
     shift: ``(n,)`` log2 of the bucket width used by the pass.
@@ -250,9 +294,6 @@ def _narrow(
     The narrowed state; with ``c_j = #{key in slot ≥ j}``, the k-th key lies in the
     last slot ``j`` with ``c_j ≥ k``.
   """
-  # Suffix sums as total − prefix: XLA:CPU's simplifier crashes on a reversed scan.
-  prefix = jnp.cumsum(histogram, axis=1)
-  at_least = prefix[:, -1:] - prefix + histogram
   at_least = jnp.pad(at_least, ((0, 0), (0, 1)))
   slot = jnp.sum(at_least >= budgets[:, None], axis=1, dtype=jnp.int32) - 1
   count_at_least = jnp.take_along_axis(at_least, slot[:, None], axis=1)[:, 0]
@@ -302,7 +343,7 @@ def _kth_largest(
   def one_pass(search: _Search) -> _Search:
     active = search.lo < search.last
     shift = jnp.maximum(_bit_length(search.last - search.lo) - digit_bits, 0)
-    histograms = [
+    slot_counts = [
       jnp.zeros((len(c.silo_ids), (1 << c.digit_bits) + 2), jnp.int32) for c in plan.classes
     ]
     for leaf_keys, leaf in zip(keys, layout.leaves, strict=True):
@@ -310,27 +351,33 @@ def _kth_largest(
         continue
       silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
       class_index = int(plan.class_of_silo[leaf.offset])
-      bits = plan.classes[class_index].digit_bits
+      bucket_class = plan.classes[class_index]
       row = int(plan.row_of_silo[leaf.offset])
 
-      def histogram_of_leaf(leaf_keys=leaf_keys, leaf=leaf, bits=bits) -> jax.Array:
-        return _leaf_histogram(leaf_keys(), leaf, bits, search.lo, search.last, shift)
+      def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf, bucket_class=bucket_class) -> jax.Array:
+        count_leaf = _leaf_suffix_counts if bucket_class.counted else _leaf_histogram
+        bits = bucket_class.digit_bits
+        return count_leaf(leaf_keys(), leaf, bits, search.lo, search.last, shift)
 
       # Leaves whose silos are all resolved skip the pass over their keys.
-      leaf_histogram = lax.cond(
+      leaf_counts = lax.cond(
         jnp.any(active[silos]),
-        histogram_of_leaf,
-        lambda n=leaf.num_silos, b=bits: jnp.zeros((n, (1 << b) + 2), jnp.int32),
+        counts_of_leaf,
+        lambda n=leaf.num_silos, b=bucket_class.digit_bits: jnp.zeros((n, (1 << b) + 2), jnp.int32),
       )
-      histograms[class_index] = (
-        histograms[class_index].at[row : row + leaf.num_silos].add(leaf_histogram)
+      slot_counts[class_index] = (
+        slot_counts[class_index].at[row : row + leaf.num_silos].add(leaf_counts)
       )
     narrowed = search
-    for bucket_class, histogram in zip(plan.classes, histograms, strict=True):
+    for bucket_class, counts in zip(plan.classes, slot_counts, strict=True):
+      if not bucket_class.counted:
+        # Suffix sums as total − prefix: XLA:CPU's simplifier crashes on a reversed scan.
+        prefix = jnp.cumsum(counts, axis=1)
+        counts = prefix[:, -1:] - prefix + counts
       ids = bucket_class.silo_ids
       class_search = _narrow(
         _Search(*(field[ids] for field in search)),
-        histogram,
+        counts,
         budgets[ids],
         bucket_class.digit_bits,
         shift[ids],

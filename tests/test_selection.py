@@ -170,7 +170,9 @@ def test_invariants(selector, kind, fraction, seed, levels, previous):
 def sharded_setup():
   """A mesh over the 8 fake CPU devices and a tree that splits across it."""
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-  shapes = ((64, 32), (16, 8), (128,))
+  # Silos long enough that per-silo bookkeeping (counts per row) stays smaller
+  # than any leaf: gathering that is fine, gathering a leaf is not.
+  shapes = ((128, 128), (16, 128), (2048,))
   sharding = [
     NamedSharding(mesh, PartitionSpec("data", "model")),
     NamedSharding(mesh, PartitionSpec("model", "data")),
