@@ -1,63 +1,155 @@
-"""Quality benchmark: DST against the baselines across budgets on movie-review sentiment.
+"""Quality benchmark: DST against the baselines across budgets on two tasks.
 
-Fine-tunes all-MiniLM-L6-v2 on the movie-review sentiment split (see ``dst_optax/demo/_data.py``)
-with each method and budget of the grid and records test accuracy, trainable and changed
-parameters, storage and time. Results go to a JSON file after every run; a re-run skips the runs
-already there (resumable), and ``--methods`` / ``--fractions`` / ``--seeds`` pick a subset of the
-grid. A plot of accuracy against free parameters (log x) is written next to the JSON.
+``--task sentiment`` (the default) fine-tunes all-MiniLM-L6-v2 on the movie-review sentiment split
+(see ``dst_optax/demo/_data.py``) and records test accuracy. ``--task translation`` fine-tunes
+SmolLM2-135M-Instruct on English→Spanish Bible verses (``dst_optax/demo/_translation.py``) and
+records chrF and BLEU of greedy translations of the first ``--eval-size`` test verses, next to the
+zero-shot model. Both record trainable and changed parameters, storage and time. Results go to a
+JSON file after every run; a re-run skips the runs already there (resumable), and ``--methods`` /
+``--fractions`` / ``--silos`` / ``--seeds`` pick a subset of the grid. A plot of the score against
+free parameters (log x) is written next to the JSON.
 
 LoRA ranks and prompt lengths are matched to DST's per-tensor budget at each ε; runs whose
-matched configuration repeats (e.g. LoRA r=1 at several tiny ε) are run once.
+matched configuration repeats (e.g. LoRA r=1 at several tiny ε) are run once. The translation
+task has no BitFit (the decoder has no biases) and no prompt tuning (not implemented for it).
 
-  python benchmarks/quality.py                       # the default grid
+  python benchmarks/quality.py                       # the default sentiment grid
   python benchmarks/quality.py --methods dst --silos global --fractions 1e-5 1e-4
+  python benchmarks/quality.py --task translation --fractions 1e-3 1e-4
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-DEFAULT_FRACTIONS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_METHODS = ("dst", "lora", "prompt", "random", "bitfit", "full")
-DEFAULT_OUTPUT = pathlib.Path(__file__).parent / "results" / "quality_sentiment.json"
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+class Task(NamedTuple):
+  """A benchmark task: its grid defaults, what it measures and how it is drawn.
+
+  Attributes:
+    methods: the methods that apply to the task (its defaults come first, all of them).
+    fractions: default ε grid.
+    silos: default DST silo kinds.
+    steps: default optimizer steps.
+    batch_size: default training batch size.
+    max_length: default token cap.
+    output: default JSON path.
+    scores: ``(column header, record key, format)`` of each score in the Markdown table.
+    plot_score: ``(record key, scale, y label)`` of the plotted score.
+    title: plot title.
+  """
+
+  methods: tuple[str, ...]
+  fractions: tuple[float, ...]
+  silos: tuple[str, ...]
+  steps: int
+  batch_size: int
+  max_length: int
+  output: pathlib.Path
+  scores: tuple[tuple[str, str, str], ...]
+  plot_score: tuple[str, float, str]
+  title: str
+
+
+TASKS = {
+  "sentiment": Task(
+    methods=("dst", "lora", "prompt", "random", "bitfit", "full"),
+    fractions=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    silos=("per-tensor", "global"),
+    steps=80,
+    batch_size=16,
+    max_length=48,
+    output=RESULTS / "quality_sentiment.json",
+    scores=(("accuracy", "accuracy", "{:.1%}"),),
+    plot_score=("accuracy", 100.0, "test accuracy (%)"),
+    title="all-MiniLM-L6-v2 on movie-review sentiment",
+  ),
+  "translation": Task(
+    methods=("dst", "lora", "random", "full"),
+    fractions=(1e-3, 1e-4),
+    silos=("per-tensor",),
+    steps=60,
+    batch_size=4,
+    max_length=96,
+    output=RESULTS / "quality_translation.json",
+    scores=(("chrF", "chrf", "{:.1f}"), ("BLEU", "bleu", "{:.1f}")),
+    plot_score=("chrf", 1.0, "chrF on test verses"),
+    title="SmolLM2-135M-Instruct, English→Spanish verses",
+  ),
+}
+# The translation grid defaults to DST and LoRA: each decoder run costs minutes on CPU, so full
+# fine-tuning and the random subset are opt-in there.
+DEFAULT_METHODS = {"sentiment": TASKS["sentiment"].methods, "translation": ("dst", "lora")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  """Parses the command line."""
+  """Parses the command line; grid options left out take the task's defaults."""
   from dst_optax.demo import _baselines
 
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
   )
+  parser.add_argument("--task", choices=sorted(TASKS), default="sentiment")
   parser.add_argument(
-    "--methods", nargs="+", choices=_baselines.METHOD_NAMES, default=DEFAULT_METHODS
+    "--methods", nargs="+", choices=_baselines.METHOD_NAMES, help="default: the task's"
   )
-  parser.add_argument("--fractions", nargs="+", type=float, default=DEFAULT_FRACTIONS)
+  parser.add_argument("--fractions", nargs="+", type=float, help="default: the task's")
   parser.add_argument(
     "--silos",
     nargs="+",
     choices=sorted(_baselines.SILO_KINDS),
-    default=("per-tensor", "global"),
-    help="DST silo kinds (baselines are matched to the per-tensor budget)",
+    help="DST silo kinds, default: the task's (baselines are matched to the per-tensor budget)",
   )
   parser.add_argument("--seeds", nargs="+", type=int, default=(0,))
   parser.add_argument(
     "--learning-rate", type=float, help="overrides every method's default learning rate"
   )
-  parser.add_argument("--steps", type=int, default=80)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--max-length", type=int, default=48)
-  parser.add_argument("--output", type=pathlib.Path, default=DEFAULT_OUTPUT)
+  parser.add_argument("--steps", type=int, help="default: the task's")
+  parser.add_argument("--batch-size", type=int, help="default: the task's")
+  parser.add_argument(
+    "--max-length", type=int, help="token cap, default: the task's (translation: longer dropped)"
+  )
+  parser.add_argument(
+    "--eval-size", type=int, default=64, help="translation: first test verses translated"
+  )
+  parser.add_argument(
+    "--max-new-tokens", type=int, default=64, help="translation: generated tokens per verse"
+  )
+  parser.add_argument(
+    "--eval-batch-size", type=int, default=32, help="translation: verses per generation call"
+  )
+  parser.add_argument("--output", type=pathlib.Path, help="default: the task's")
   parser.add_argument("--dry-run", action="store_true", help="list the grid and exit")
   parser.add_argument(
     "--table", action="store_true", help="print the recorded results as a Markdown table and exit"
   )
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  task = TASKS[args.task]
+  defaults = {
+    "methods": DEFAULT_METHODS[args.task],
+    "fractions": task.fractions,
+    "silos": task.silos,
+    "steps": task.steps,
+    "batch_size": task.batch_size,
+    "max_length": task.max_length,
+    "output": task.output,
+  }
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  unsupported = sorted(set(args.methods) - set(task.methods))
+  if unsupported:
+    parser.error(f"--task {args.task} has no method {unsupported}; choose from {task.methods}.")
+  return args
 
 
 def build_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -78,104 +170,175 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
   os.replace(temporary, path)
 
 
-def plot(records: list[dict[str, Any]], path: pathlib.Path) -> None:
-  """Accuracy against free parameters (log x), one line per method and silo kind."""
+def plot(records: list[dict[str, Any]], path: pathlib.Path, task: Task) -> None:
+  """The task's score against free parameters (log x), one line per method and silo kind."""
   import matplotlib
 
   matplotlib.use("Agg")  # Files only; never needs a display.
   import matplotlib.pyplot as plt
 
+  key, scale, ylabel = task.plot_score
   figure, axes = plt.subplots(figsize=(7, 4.5))
   series: dict[str, list[tuple[int, float]]] = {}
   for record in records:
     if record["method"] == "zero-shot":
-      axes.axhline(100 * record["accuracy"], color="gray", linestyle="--", label="zero-shot")
+      axes.axhline(scale * record[key], color="gray", linestyle="--", label="zero-shot")
       continue
     name = record["method"] + (f" ({record['silos']})" if record["method"] == "dst" else "")
-    series.setdefault(name, []).append((record["num_trainable"], 100 * record["accuracy"]))
+    series.setdefault(name, []).append((record["num_trainable"], scale * record[key]))
   for name, points in sorted(series.items()):
     points.sort()
     marker = "o" if name.startswith("dst") else "s"
     axes.plot(*zip(*points, strict=True), marker=marker, label=name)
-  axes.set(
-    xscale="log",
-    xlabel="free (trainable) parameters",
-    ylabel="test accuracy (%)",
-    title="all-MiniLM-L6-v2 on movie-review sentiment",
-  )
+  axes.set(xscale="log", xlabel="free (trainable) parameters", ylabel=ylabel, title=task.title)
   axes.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
+def markdown_table(records: list[dict[str, Any]], task: Task) -> str:
   """The recorded runs as a Markdown table, sorted by method and budget."""
+  headers = " | ".join(header for header, _, _ in task.scores)
   lines = [
-    "| method | free params | changed params | storage | accuracy | train time |",
-    "|---|---:|---:|---:|---:|---:|",
+    f"| method | free params | changed params | storage | {headers} | train time |",
+    "|---|---:|---:|---:|" + "---:|" * len(task.scores) + "---:|",
   ]
   for r in sorted(
     records, key=lambda r: (r["method"] != "zero-shot", r["method"], r["num_trainable"])
   ):
+    scores = " | ".join(form.format(r[key]) for _, key, form in task.scores)
     lines.append(
       f"| {r['label']} | {r['num_trainable']:,} | {r['num_changed']:,} | "
-      f"{r['storage_bytes'] / 1e3:,.1f} KB | {100 * r['accuracy']:.1f}% | "
-      f"{r['train_seconds']:.0f} s |"
+      f"{r['storage_bytes'] / 1e3:,.1f} KB | {scores} | {r['train_seconds']:.0f} s |"
     )
   return "\n".join(lines)
+
+
+class Runner(NamedTuple):
+  """A loaded task: the pretrained parameters, its zero-shot result and a training run.
+
+  Attributes:
+    params: the pretrained parameters the methods start from.
+    settings: the task's run settings, recorded with every result and keyed into it.
+    zero_shot: computes the untrained model's result.
+    run: ``(method, seed) -> result`` trains and evaluates one method.
+  """
+
+  params: Any
+  settings: dict[str, int]
+  zero_shot: Callable[[], Any]
+  run: Callable[[Any, int], Any]
+
+
+def sentiment_runner(args: argparse.Namespace) -> Runner:
+  """Loads MiniLM and the movie-review splits."""
+  from dst_optax.demo import _bert, _data, _train
+
+  pretrained = _bert.load_minilm(args.max_length)
+  splits = _data.load_movie_sentiment()
+  train_split = _train.encode_split(pretrained.tokenizer, splits["train"])
+  test_split = _train.encode_split(pretrained.tokenizer, splits["test"])
+  prototypes = _train.label_prototypes(pretrained)
+
+  def run(method: Any, seed: int) -> Any:
+    config = _train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=seed)
+    return _train.run_method(pretrained, method, prototypes, train_split, test_split, config)
+
+  return Runner(
+    pretrained.params,
+    {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length},
+    functools.partial(
+      _train.zero_shot_result, pretrained, prototypes, test_split, _train.TrainConfig()
+    ),
+    run,
+  )
+
+
+def translation_runner(args: argparse.Namespace) -> Runner:
+  """Loads SmolLM2 and the English→Spanish verse pairs."""
+  from dst_optax.demo import _llama, _translation, _verses
+
+  pretrained = _llama.load_smollm2()
+  splits = _verses.load_en_es_verses()
+  config = _translation.TranslationConfig(
+    steps=args.steps,
+    batch_size=args.batch_size,
+    max_length=args.max_length,
+    eval_size=args.eval_size,
+    eval_batch_size=args.eval_batch_size,
+    max_new_tokens=args.max_new_tokens,
+  )
+  train_pairs = _translation.encode_pairs(pretrained.tokenizer, splits["train"], args.max_length)
+  test_pairs = _translation.evaluation_pairs(pretrained.tokenizer, splits["test"], config)
+  print(
+    f"{len(train_pairs.input_ids):,} of {len(splits['train']):,} training pairs fit "
+    f"{args.max_length} tokens; evaluating on {len(test_pairs)} test verses.",
+    flush=True,
+  )
+
+  def run(method: Any, seed: int) -> Any:
+    seeded = config._replace(seed=seed)
+    return _translation.run_translation(pretrained, method, train_pairs, test_pairs, seeded)
+
+  settings = {
+    "steps": args.steps,
+    "batch_size": args.batch_size,
+    "max_length": args.max_length,
+    "eval_size": len(test_pairs),
+    "max_new_tokens": args.max_new_tokens,
+  }
+  zero_shot = functools.partial(_translation.zero_shot_translation, pretrained, test_pairs, config)
+  return Runner(pretrained.params, settings, zero_shot, run)
+
+
+RUNNERS = {"sentiment": sentiment_runner, "translation": translation_runner}
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the missing part of the grid; returns the exit status."""
   args = parse_args(argv)
+  task = TASKS[args.task]
   grid = build_grid(args)
   if args.table:
-    print(markdown_table(json.loads(args.output.read_text())))
+    print(markdown_table(json.loads(args.output.read_text()), task))
     return 0
   if args.dry_run:
     for run in grid:
       print(run)
     return 0
-  from dst_optax.demo import _baselines, _bert, _data, _fetch, _train
+  from dst_optax.demo import _baselines, _fetch
 
   try:
-    pretrained = _bert.load_minilm(args.max_length)
-    splits = _data.load_movie_sentiment()
+    runner = RUNNERS[args.task](args)
   except _fetch.SourceUnavailableError as error:
     print(f"quality.py: {error}", file=sys.stderr)
     return 2
-  train_split = _train.encode_split(pretrained.tokenizer, splits["train"])
-  test_split = _train.encode_split(pretrained.tokenizer, splits["test"])
-  prototypes = _train.label_prototypes(pretrained)
-  settings = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
   records = json.loads(args.output.read_text()) if args.output.exists() else []
   done = {record["key"] for record in records}
   args.output.parent.mkdir(parents=True, exist_ok=True)
 
-  def record(key: str, result: _train.RunResult, extra: dict[str, Any]) -> None:
-    entry = {"key": key, **extra, **settings, **result._asdict()}
+  def record(key: str, result: Any, extra: dict[str, Any]) -> None:
+    entry = {"key": key, **extra, **runner.settings, **result._asdict()}
     entry["method"] = extra.get("method", result.name)
     entry["final_loss"] = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
     del entry["losses"]
     records.append(entry)
     done.add(key)
-    _write_atomically(args.output, json.dumps(records, indent=1))
-    plot(records, args.output.with_suffix(".png"))
-    print(f"{result.label}: accuracy {100 * result.accuracy:.1f}%", flush=True)
+    _write_atomically(args.output, json.dumps(records, indent=1, ensure_ascii=False))
+    plot(records, args.output.with_suffix(".png"), task)
+    scores = ", ".join(f"{name} {form.format(entry[key])}" for name, key, form in task.scores)
+    print(f"{result.label}: {scores}", flush=True)
 
-  config_key = f"steps={args.steps}|batch={args.batch_size}|len={args.max_length}"
+  # Sentiment keys stay as they were, so earlier result files resume.
+  settings_key = {"steps": "steps", "batch_size": "batch", "max_length": "len"}
+  settings_key.update(eval_size="eval", max_new_tokens="new")
+  config_key = "|".join(f"{settings_key[name]}={v}" for name, v in runner.settings.items())
   if f"zero-shot|{config_key}" not in done:
-    result = _train.zero_shot_result(pretrained, prototypes, test_split, _train.TrainConfig())
-    record(f"zero-shot|{config_key}", result, {"method": "zero-shot"})
+    record(f"zero-shot|{config_key}", runner.zero_shot(), {"method": "zero-shot"})
   for run in grid:
     method = _baselines.matched_method(
-      run["method"],
-      pretrained.params,
-      run["fraction"],
-      run["silos"],
-      args.learning_rate,
-      run["seed"],
+      run["method"], runner.params, run["fraction"], run["silos"], args.learning_rate, run["seed"]
     )
     if args.learning_rate is not None:
       method = method._replace(label=f"{method.label} lr={args.learning_rate:g}")
@@ -183,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     key = f"{method.label}|seed={run['seed']}|{config_key}"
     if key in done:
       continue
-    config = _train.TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
-    result = _train.run_method(pretrained, method, prototypes, train_split, test_split, config)
+    result = runner.run(method, run["seed"])
     rate = args.learning_rate or _baselines.DEFAULT_LEARNING_RATES[run["method"]]
     record(key, result, {**run, "learning_rate": rate})
   return 0

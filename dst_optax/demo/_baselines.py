@@ -1,10 +1,15 @@
 """Fine-tuning methods compared in the demo: DST and the usual baselines.
 
 Every method trains a pytree of its own (``trainable``) with an optax optimizer, and
-``materialize(trainable, base)`` turns it into what the encoder consumes: its parameters and,
+``materialize(trainable, base)`` turns it into what the model consumes: its parameters and,
 for prompt tuning, soft-prompt vectors. ``export`` does the same for the final model (DST projects
 onto its budget there, bit-exactly). Budgets count the coordinates a method may move; the frozen
 classification head (label prototypes, see ``_train``) is shared by all methods and not counted.
+
+DST, full fine-tuning, the random subset and LoRA work on any Flax parameter tree: LoRA adapts
+the kernels under a ``query`` or ``value`` module, which names the attention projections of both
+the BERT encoder and the Llama decoder. BitFit needs bias vectors and prompt tuning the BERT
+encoder's ``word_embeddings`` and soft-prompt input, so those two are BERT-only.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Method(NamedTuple):
     label: human-readable description with its hyperparameters.
     trainable: initial trainable pytree.
     optimizer: optimizer over ``trainable``.
-    materialize: ``(trainable, base) -> (encoder params, prompt or None)`` used in training.
+    materialize: ``(trainable, base) -> (model params, prompt or None)`` used in training.
     export: the same for the final model.
     num_trainable: free parameters (the method's budget).
     sparse: the result is stored as (index, value) pairs rather than dense tensors.
@@ -59,7 +64,7 @@ class Method(NamedTuple):
 
 
 def _as_params(trainable: Params, base: Params) -> tuple[Params, None]:
-  del base  # The trainable tree is the whole encoder.
+  del base  # The trainable tree is the whole model.
   return trainable, None
 
 
@@ -89,7 +94,7 @@ def dynamic_subset(base: Params, learning_rate: float, fraction: float, silo_kin
   """Dynamic Subset Tuning: AdamW followed by DST with ε = ``fraction``.
 
   Args:
-    base: pretrained encoder parameters (the seed).
+    base: pretrained parameters (the seed).
     learning_rate: AdamW learning rate.
     fraction: ε, the fraction of free parameters per silo.
     silo_kind: a key of :data:`SILO_KINDS`.
@@ -134,7 +139,7 @@ def random_subset(base: Params, learning_rate: float, fraction: float, seed: int
   """A fixed random subset of ``floor(ε · size)`` coordinates per tensor (DST's static twin).
 
   Args:
-    base: pretrained encoder parameters.
+    base: pretrained parameters.
     learning_rate: AdamW learning rate.
     fraction: ε, the fraction of each tensor that may change.
     seed: seed of the random subset.
@@ -168,6 +173,8 @@ def bitfit(base: Params, learning_rate: float) -> Method:
     for leaf, bias in zip(jax.tree.leaves(base), jax.tree.leaves(is_bias), strict=True)
     if bias
   )
+  if budget == 0:
+    raise ValueError("BitFit needs bias vectors, and this model has none.")
   optimizer = optax.chain(_adamw(learning_rate), _masked_updates(masks))
   return Method("bitfit", "BitFit", base, optimizer, _as_params, _as_params, budget, sparse=True)
 
@@ -191,7 +198,7 @@ def lora(base: Params, learning_rate: float, rank: int, seed: int) -> Method:
   """LoRA (Hu et al. 2022) on the attention query and value kernels, scale ``alpha/r = 1``.
 
   Args:
-    base: pretrained encoder parameters.
+    base: pretrained parameters.
     learning_rate: AdamW learning rate.
     rank: adapter rank (≥ 1).
     seed: seed of the down-projection initialisation.
@@ -226,6 +233,13 @@ def lora(base: Params, learning_rate: float, rank: int, seed: int) -> Method:
   )
 
 
+def _prompt_vocabulary(base: Params) -> jax.Array:
+  """The input embeddings soft prompts start from; only the BERT encoder takes soft prompts."""
+  if "word_embeddings" not in base["params"]:
+    raise ValueError("Prompt tuning is implemented for the BERT encoder only.")
+  return base["params"]["word_embeddings"]["embedding"]
+
+
 def prompt_tuning(base: Params, learning_rate: float, length: int, seed: int) -> Method:
   """Prompt tuning (Lester et al. 2021): ``length`` soft tokens after ``[CLS]``.
 
@@ -242,7 +256,7 @@ def prompt_tuning(base: Params, learning_rate: float, length: int, seed: int) ->
   """
   if not 1 <= length <= MAX_PROMPT_LENGTH:
     raise ValueError(f"Prompt length must lie in [1, {MAX_PROMPT_LENGTH}]; got {length}.")
-  vocabulary = base["params"]["word_embeddings"]["embedding"]
+  vocabulary = _prompt_vocabulary(base)
   tokens = np.random.default_rng(seed).choice(vocabulary.shape[0], length, replace=False)
   prompt = vocabulary[tokens]
 
@@ -280,7 +294,7 @@ def matched_method(
 
   Args:
     name: one of :data:`METHOD_NAMES`.
-    base: pretrained encoder parameters.
+    base: pretrained parameters.
     fraction: ε of the DST run the budget is matched to.
     silo_kind: DST's silo kind (also sets the budget to match).
     learning_rate: overrides the method's default learning rate.
@@ -303,7 +317,7 @@ def matched_method(
     return random_subset(base, rate, fraction, seed)
   if name == "lora":
     return lora(base, rate, max(1, round(budget / lora_params_per_rank(base))), seed)
-  hidden_size = base["params"]["word_embeddings"]["embedding"].shape[1]
+  hidden_size = _prompt_vocabulary(base).shape[1]
   return prompt_tuning(
     base, rate, min(MAX_PROMPT_LENGTH, max(1, round(budget / hidden_size))), seed
   )

@@ -482,7 +482,11 @@ def greedy_generate(
 
 
 def answer(
-  pretrained: PretrainedLlama, questions: list[str], max_new_tokens: int = 64
+  pretrained: PretrainedLlama,
+  questions: list[str],
+  max_new_tokens: int = 64,
+  params: dict[str, Any] | None = None,
+  batch_size: int | None = None,
 ) -> list[str]:
   """Greedy single-turn answers of the Instruct model, up to its end-of-turn token.
 
@@ -490,6 +494,9 @@ def answer(
     pretrained: the loaded model.
     questions: user messages, one per answer.
     max_new_tokens: at most this many tokens per answer.
+    params: parameters to generate with instead of the pretrained ones (a fine-tuned model).
+    batch_size: questions per generation call, all at once when None. Every call has the same
+      shape (the last batch is padded), so generation compiles once.
 
   Returns:
     The decoded answers, without special tokens.
@@ -497,12 +504,21 @@ def answer(
   prompts = [chat_prompt([("user", question)]) for question in questions]
   token_ids, attention_mask = tokenize(pretrained.tokenizer, prompts)
   end_of_turn = pretrained.tokenizer.token_to_id("<|im_end|>")
-  generated = greedy_generate(
-    pretrained.model,
-    pretrained.params,
-    token_ids,
-    attention_mask,
-    max_new_tokens,
-    end_of_turn,
-  )
-  return pretrained.tokenizer.decode_batch(np.asarray(generated).tolist(), skip_special_tokens=True)
+  batch_size = batch_size or len(prompts)
+  padding = -len(prompts) % batch_size
+  token_ids = np.pad(token_ids, ((0, padding), (0, 0)), mode="edge")
+  attention_mask = np.pad(attention_mask, ((0, padding), (0, 0)), mode="edge")
+  generated = np.concatenate(
+    [
+      greedy_generate(
+        pretrained.model,
+        pretrained.params if params is None else params,
+        token_ids[start : start + batch_size],
+        attention_mask[start : start + batch_size],
+        max_new_tokens,
+        end_of_turn,
+      )
+      for start in range(0, len(token_ids), batch_size)
+    ]
+  )[: len(prompts)]
+  return pretrained.tokenizer.decode_batch(generated.tolist(), skip_special_tokens=True)

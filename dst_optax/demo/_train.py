@@ -4,11 +4,15 @@ The classifier needs no new parameters: the logits are the scaled cosine similar
 sentence's embedding and the embeddings of one description per label (computed once with the
 pretrained encoder, then frozen). Before any training this is a zero-shot classifier, so every
 method is measured against the same starting point and its budget is exactly what it may move.
+
+The loop itself (:func:`fit`, :func:`train_and_export`) takes any loss over any model's
+parameters; the translation task (``_translation``) trains the Llama decoder with it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -156,6 +160,68 @@ def evaluate(
   return float(np.mean(predictions == split.labels))
 
 
+LossFn = Callable[..., jax.Array]
+
+
+def sentiment_loss(model: _bert.BertEncoder, prototypes: jax.Array) -> LossFn:
+  """Cross-entropy of the prototype classifier, as a :func:`fit` loss over (ids, mask, labels)."""
+
+  def loss_fn(params, prompt, ids, mask, labels):
+    logits = classifier_logits(model, params, prompt, prototypes, ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss_fn
+
+
+def fit(
+  method: _baselines.Method,
+  base: Any,
+  loss_fn: LossFn,
+  examples: tuple[np.ndarray, ...],
+  config: TrainConfig,
+  progress: bool = True,
+) -> tuple[Any, list[float]]:
+  """Trains ``method`` on shuffled mini-batches of ``examples`` (any model, any loss).
+
+  Args:
+    method: what to train and how.
+    base: the pretrained parameters ``method.materialize`` builds on.
+    loss_fn: ``(params, prompt, *batch) -> scalar`` mean loss of one batch, ``batch`` being the
+      rows of each array of ``examples``.
+    examples: arrays with one row per example, all the same length.
+    config: steps, batch size, seed.
+    progress: show a progress bar.
+
+  Returns:
+    ``(trainable, losses)``: the trained pytree and the loss of every step.
+  """
+
+  def method_loss(trainable, base, *batch):
+    return loss_fn(*method.materialize(trainable, base), *batch)
+
+  @jax.jit
+  def step(trainable, opt_state, base, *batch):
+    loss, grads = jax.value_and_grad(method_loss)(trainable, base, *batch)
+    updates, opt_state = method.optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  trainable = method.trainable
+  opt_state = method.optimizer.init(trainable)
+  rng = np.random.default_rng(config.seed)
+  order = np.zeros(0, int)
+  losses = []
+  with tqdm.trange(config.steps, desc=method.label, disable=not progress, leave=True) as bar:
+    for _ in bar:
+      if len(order) < config.batch_size:
+        order = np.concatenate([order, rng.permutation(len(examples[0]))])
+      batch, order = order[: config.batch_size], order[config.batch_size :]
+      # Full-length batches: one shape, one compilation of the training step.
+      trainable, opt_state, loss = step(trainable, opt_state, base, *(a[batch] for a in examples))
+      losses.append(float(loss))
+      bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  return trainable, losses
+
+
 def train(
   pretrained: _bert.PretrainedBert,
   method: _baselines.Method,
@@ -177,35 +243,9 @@ def train(
   Returns:
     ``(trainable, losses)``: the trained pytree and the loss of every step.
   """
-  model, base = pretrained.model, pretrained.params
-
-  def loss_fn(trainable, base, ids, mask, labels):
-    params, prompt = method.materialize(trainable, base)
-    logits = classifier_logits(model, params, prompt, prototypes, ids, mask)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  @jax.jit
-  def step(trainable, opt_state, base, ids, mask, labels):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, base, ids, mask, labels)
-    updates, opt_state = method.optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  trainable = method.trainable
-  opt_state = method.optimizer.init(trainable)
-  rng = np.random.default_rng(config.seed)
-  order = np.zeros(0, int)
-  losses = []
-  with tqdm.trange(config.steps, desc=method.label, disable=not progress, leave=True) as bar:
-    for _ in bar:
-      if len(order) < config.batch_size:
-        order = np.concatenate([order, rng.permutation(len(split.labels))])
-      batch, order = order[: config.batch_size], order[config.batch_size :]
-      # Full-length batches: one shape, one compilation of the training step.
-      ids, mask = split.input_ids[batch], split.attention_mask[batch]
-      trainable, opt_state, loss = step(trainable, opt_state, base, ids, mask, split.labels[batch])
-      losses.append(float(loss))
-      bar.set_postfix(loss=f"{losses[-1]:.3f}")
-  return trainable, losses
+  examples = (split.input_ids, split.attention_mask, split.labels)
+  loss_fn = sentiment_loss(pretrained.model, prototypes)
+  return fit(method, pretrained.params, loss_fn, examples, config, progress)
 
 
 def count_changed(params: Any, prompt: jax.Array | None, base: Any) -> int:
@@ -215,6 +255,61 @@ def count_changed(params: Any, prompt: jax.Array | None, base: Any) -> int:
     for p, b in zip(jax.tree.leaves(params), jax.tree.leaves(base), strict=True)
   )
   return changed + (0 if prompt is None else int(prompt.size))
+
+
+class Trained(NamedTuple):
+  """A trained and exported model with what it costs.
+
+  Attributes:
+    params: the exported model parameters.
+    prompt: the soft prompt, or None.
+    num_changed: see :attr:`RunResult.num_changed`.
+    storage_bytes: see :attr:`RunResult.storage_bytes`.
+    train_seconds: wall-clock seconds of training and export, compilation included.
+    losses: training loss per step.
+  """
+
+  params: Any
+  prompt: jax.Array | None
+  num_changed: int
+  storage_bytes: int
+  train_seconds: float
+  losses: list[float]
+
+
+def train_and_export(
+  method: _baselines.Method,
+  base: Any,
+  loss_fn: LossFn,
+  examples: tuple[np.ndarray, ...],
+  config: TrainConfig,
+  progress: bool = True,
+) -> Trained:
+  """Runs :func:`fit`, exports the final model and measures its changes and storage.
+
+  Args:
+    method: what to train and how.
+    base: the pretrained parameters.
+    loss_fn: see :func:`fit`.
+    examples: see :func:`fit`.
+    config: steps, batch size, seed.
+    progress: show a progress bar.
+
+  Returns:
+    The exported model with its costs.
+  """
+  start = time.perf_counter()
+  trainable, losses = fit(method, base, loss_fn, examples, config, progress)
+  params, prompt = method.export(trainable, base)
+  jax.block_until_ready(params)
+  seconds = time.perf_counter() - start
+  num_changed = count_changed(params, prompt, base)
+  value_bytes = jnp.dtype(jax.tree.leaves(trainable)[0].dtype).itemsize
+  if method.sparse:
+    storage = num_changed * (BYTES_PER_INDEX + value_bytes)
+  else:
+    storage = method.num_trainable * value_bytes
+  return Trained(params, prompt, num_changed, storage, seconds, losses)
 
 
 def run_method(
@@ -240,23 +335,22 @@ def run_method(
   Returns:
     The run's result.
   """
-  start = time.perf_counter()
-  trainable, losses = train(pretrained, method, prototypes, train_split, config, progress)
-  params, prompt = method.export(trainable, pretrained.params)
-  jax.block_until_ready(params)
-  seconds = time.perf_counter() - start
+  trained = train_and_export(
+    method,
+    pretrained.params,
+    sentiment_loss(pretrained.model, prototypes),
+    (train_split.input_ids, train_split.attention_mask, train_split.labels),
+    config,
+    progress,
+  )
   accuracy = evaluate(
-    pretrained.model, params, prompt, prototypes, test_split, config.eval_batch_size
-  )
-  num_changed = count_changed(params, prompt, pretrained.params)
-  value_bytes = jnp.dtype(jax.tree.leaves(trainable)[0].dtype).itemsize
-  if method.sparse:
-    storage = num_changed * (BYTES_PER_INDEX + value_bytes)
-  else:
-    storage = method.num_trainable * value_bytes
+    pretrained.model, trained.params, trained.prompt, prototypes, test_split,
+    config.eval_batch_size,
+  )  # fmt: skip
   return RunResult(
-    method.name, method.label, accuracy, method.num_trainable, num_changed, storage, seconds, losses
-  )
+    method.name, method.label, accuracy, method.num_trainable, trained.num_changed,
+    trained.storage_bytes, trained.train_seconds, trained.losses,
+  )  # fmt: skip
 
 
 def zero_shot_result(
