@@ -91,7 +91,7 @@ def test_lora_adapts_the_decoders_query_and_value_kernels(pretrained):
     _baselines.matched_method("bitfit", pretrained.params, 1e-2)
 
 
-# 40-55 s on the shared 2-core CPU, most of it compiling the DST step and the export.
+# 30-55 s on the shared 2-core CPU, most of it compiling the DST step and the export.
 @pytest.mark.slow
 def test_dst_training_lowers_the_loss_within_budget(pretrained):
   encoded = _translation.encode_pairs(pretrained.tokenizer, _pairs(12), max_length=40)
