@@ -201,15 +201,16 @@ def markdown_table(records: list[dict[str, Any]], task: Task) -> str:
   """The recorded runs as a Markdown table, sorted by method and budget."""
   headers = " | ".join(header for header, _, _ in task.scores)
   lines = [
-    f"| method | free params | changed params | storage | {headers} | train time |",
-    "|---|---:|---:|---:|" + "---:|" * len(task.scores) + "---:|",
+    f"| method | seed | free params | changed params | storage | {headers} | train time |",
+    "|---|---:|---:|---:|---:|" + "---:|" * len(task.scores) + "---:|",
   ]
   for r in sorted(
-    records, key=lambda r: (r["method"] != "zero-shot", r["method"], r["num_trainable"])
+    records,
+    key=lambda r: (r["method"] != "zero-shot", r["method"], r["num_trainable"], r.get("seed", 0)),
   ):
     scores = " | ".join(form.format(r[key]) for _, key, form in task.scores)
     lines.append(
-      f"| {r['label']} | {r['num_trainable']:,} | {r['num_changed']:,} | "
+      f"| {r['label']} | {r.get('seed', '–')} | {r['num_trainable']:,} | {r['num_changed']:,} | "
       f"{r['storage_bytes'] / 1e3:,.1f} KB | {scores} | {r['train_seconds']:.0f} s |"
     )
   return "\n".join(lines)
