@@ -16,9 +16,10 @@ import dst_optax
 from dst_optax import _selection, _silos
 from tests import reference
 
-# Mixed sizes exercise several digit widths, silos of one coordinate and a group
-# spanning leaves of different shapes.
-SHAPES = ((6, 5), (1,), (3, 4, 2), (40, 50), (2, 1))
+# Mixed sizes exercise both pass kinds (histograms for silos of 4096+ coordinates,
+# counting below), silos of one coordinate and a group spanning leaves of
+# different shapes.
+SHAPES = ((6, 5), (1,), (3, 4, 2), (70, 64), (2, 1))
 SPEC_KINDS = {
   "per_tensor": lambda shape, i: dst_optax.PerTensor(),
   "rows": lambda shape, i: dst_optax.rows() if len(shape) > 1 else dst_optax.PerTensor(),
