@@ -255,10 +255,14 @@ def _leaf_suffix_counts(
   # Keys in slot ≥ 1 + j are those > lo − 1 + j·2^shift; buckets that start past
   # ``last`` hold nothing, so they count the keys above ``last``. Comparing with
   # ``start − 1`` keeps every threshold inside int32 (lo ≥ 0, last < 2^31).
-  offsets = [lax.shift_left(jnp.int32(j), shift) for j in range(1 << bits)]
-  thresholds = [jnp.where(o <= last - lo, lo - 1 + o, last) for o in offsets] + [last]
+  # Sliced to this leaf's silos first, so the per-silo work scales with the leaf.
   per_leaf = lambda values: silo_values_for_leaf(values, leaf, leaf_keys.ndim)
-  flags = tuple((leaf_keys > per_leaf(t)).astype(jnp.int32) for t in thresholds)
+  leaf_lo, leaf_last, leaf_shift = per_leaf(lo), per_leaf(last), per_leaf(shift)
+  offsets = [lax.shift_left(jnp.int32(j), leaf_shift) for j in range(1 << bits)]
+  width = leaf_last - leaf_lo
+  thresholds = [jnp.where(o <= width, leaf_lo - 1 + o, leaf_last) for o in offsets]
+  thresholds.append(leaf_last)
+  flags = tuple((leaf_keys > t).astype(jnp.int32) for t in thresholds)
   summed_axes = tuple(axis for axis in range(leaf_keys.ndim) if axis != leaf.axis)
   counts = lax.reduce(flags, tuple(jnp.int32(0) for _ in flags), _sum_tuples, summed_axes)
   keys_per_silo = jnp.full(leaf.num_silos, leaf_keys.size // leaf.num_silos, jnp.int32)
