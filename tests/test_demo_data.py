@@ -1,11 +1,9 @@
 """Tests of the demo's data parsing and fetching, on a tiny generated fixture."""
 
-import io
-import tarfile
-
 import pytest
 
 from dst_optax.demo import _data, _fetch
+from tests import archives
 
 _GROUND_TRUTH = (
   "2\t2.26666666667\tThe Rock is destined to be great.\r\n"
@@ -17,19 +15,11 @@ _GROUND_TRUTH = (
 )
 
 
-def _tar_gz(members: dict[str, bytes]) -> bytes:
-  buffer = io.BytesIO()
-  with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-    for name, content in members.items():
-      info = tarfile.TarInfo(name)
-      info.size = len(content)
-      archive.addfile(info, io.BytesIO(content))
-  return buffer.getvalue()
-
-
 def _fake_sdist(ground_truth: str) -> bytes:
-  inner = _tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": ground_truth.encode()})
-  return _tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner})
+  ground_truth_name = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+  inner = archives.tar_bytes({ground_truth_name: ground_truth.encode()}, "gz")
+  inner_name = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+  return archives.tar_bytes({inner_name: inner}, "gz")
 
 
 def test_parse_reads_id_score_and_text():

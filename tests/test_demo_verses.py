@@ -1,15 +1,14 @@
 """Tests of the English→Spanish verse data: zText parsing on a generated module, markup clean-up,
 alignment, the split by book, the JSONL cache, the metrics, and the real Debian packages."""
 
-import io
 import struct
-import tarfile
 import zlib
 
 import pytest
 
 from dst_optax.demo import _fetch, _metrics, _verses
 from dst_optax.demo._verses import VersePair, VerseRef
+from tests import archives
 
 _CONF = """## Test module
 [TestBible]
@@ -75,16 +74,6 @@ def _write_ztext(verses: dict[VerseRef, str], versification: str) -> dict[str, b
   return files
 
 
-def _tar_xz(members: dict[str, bytes]) -> bytes:
-  buffer = io.BytesIO()
-  with tarfile.open(fileobj=buffer, mode="w:xz") as archive:
-    for name, content in members.items():
-      info = tarfile.TarInfo(name)
-      info.size = len(content)
-      archive.addfile(info, io.BytesIO(content))
-  return buffer.getvalue()
-
-
 def _ar(members: dict[str, bytes]) -> bytes:
   archive = b"!<arch>\n"
   for name, content in members.items():
@@ -103,8 +92,8 @@ def _fake_deb(versification: str = "KJV") -> bytes:
   return _ar(
     {
       "debian-binary": b"2.0\n",
-      "control.tar.xz": _tar_xz({"./control": b"Package: sword-text-test\n"}),
-      "data.tar.xz": _tar_xz(data),
+      "control.tar.xz": archives.tar_bytes({"./control": b"Package: sword-text-test\n"}, "xz"),
+      "data.tar.xz": archives.tar_bytes(data, "xz"),
     }
   )
 
