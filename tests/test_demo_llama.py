@@ -157,6 +157,47 @@ def test_greedy_generate_matches_argmax_of_full_passes(tiny):
   np.testing.assert_array_equal(generated, expected)
 
 
+def _embeddings(params, ids):
+  return params["params"]["embed"]["embedding"][jnp.asarray(ids)]
+
+
+def test_soft_prompt_of_token_embeddings_equals_those_tokens_prepended(tiny):
+  _, params, apply = tiny
+  prefix = [7, 3, 11]
+  ids = jnp.asarray([[0, 5, 9, 13], [4, 8, 1, 6]])
+  mask = ids != 0
+  expected = apply(
+    params, jnp.concatenate([jnp.tile(jnp.asarray(prefix), (2, 1)), ids], 1),
+    jnp.concatenate([jnp.ones((2, 3), bool), mask], 1),
+  )[:, 3:]  # fmt: skip
+  logits = apply(params, ids, mask, _embeddings(params, prefix))
+  assert logits.shape == (2, 4, TINY.vocab_size)
+  np.testing.assert_allclose(logits[0, 1:], expected[0, 1:], atol=1e-5)  # Skips the padding.
+  np.testing.assert_allclose(logits[1], expected[1], atol=1e-5)
+  # And the prompt matters: other vectors give other logits.
+  assert not np.allclose(apply(params, ids, mask, _embeddings(params, [1, 2, 4])), expected)
+
+
+def test_greedy_generate_with_a_soft_prompt_equals_those_tokens_before_the_padding(tiny):
+  model, params, _ = tiny
+  prefix = [7, 3, 11]
+  prompt = jnp.asarray([[0, 0, 5, 9, 13], [4, 8, 1, 6, 12]])
+  # Real tokens before the left padding: the positions the soft prompt takes.
+  hard = jnp.concatenate([jnp.tile(jnp.asarray(prefix), (2, 1)), prompt], 1)
+  hard_mask = jnp.concatenate([jnp.ones((2, 3), bool), prompt != 0], 1)
+  expected = _llama.greedy_generate(model, params, hard, hard_mask, 5, -1)
+  generated = _llama.greedy_generate(
+    model, params, prompt, prompt != 0, 5, -1, _embeddings(params, prefix)
+  )
+  np.testing.assert_array_equal(generated, expected)
+
+
+def test_soft_prompt_of_the_wrong_width_is_rejected(tiny):
+  _, params, apply = tiny
+  with pytest.raises(ValueError, match=r"soft_prompt must have shape \(prompt_length, 24\)"):
+    apply(params, jnp.asarray([[1, 2]]), None, jnp.zeros((3, 5)))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
   try:

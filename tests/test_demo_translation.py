@@ -7,6 +7,7 @@ import optax
 import pytest
 import tokenizers
 
+import dst_optax
 from dst_optax.demo import _baselines, _llama, _train, _translation, _verses
 
 ENGLISH = ["In the beginning God created", "the heaven and the earth", "and God saw the light"]
@@ -85,10 +86,33 @@ def test_loss_averages_the_reply_tokens_only(pretrained):
 def test_lora_adapts_the_decoders_query_and_value_kernels(pretrained):
   per_layer = 2 * TINY.hidden_size + TINY.hidden_size + TINY.num_kv_heads * TINY.head_dim
   assert _baselines.lora_params_per_rank(pretrained.params) == TINY.num_layers * per_layer
-  with pytest.raises(ValueError, match="BERT"):
-    _baselines.matched_method("prompt", pretrained.params, 1e-2)
   with pytest.raises(ValueError, match="bias"):
     _baselines.matched_method("bitfit", pretrained.params, 1e-2)
+
+
+def test_prompt_tuning_starts_from_decoder_token_embeddings_at_the_matched_budget(pretrained):
+  method = _baselines.matched_method("prompt", pretrained.params, 0.1)
+  budget = _baselines.dst_budget(pretrained.params, 0.1, dst_optax.PerTensor())
+  assert method.trainable.shape == (round(budget / TINY.hidden_size), TINY.hidden_size)
+  vocabulary = np.asarray(pretrained.params["params"]["embed"]["embedding"])
+  assert all((vocabulary == row).all(axis=1).any() for row in np.asarray(method.trainable))
+
+
+def test_prompt_tuned_translation_trains_and_generates_with_the_prompt(pretrained):
+  pairs = _pairs(6)
+  encoded = _translation.encode_pairs(pretrained.tokenizer, pairs, max_length=40)
+  method = _baselines.prompt_tuning(pretrained.params, 3e-1, length=4, seed=0)
+  config = _translation.TranslationConfig(
+    steps=20, batch_size=3, max_length=40, eval_size=3, eval_batch_size=3, max_new_tokens=6
+  )
+  result = _translation.run_translation(
+    pretrained, method, encoded, pairs[:3], config, progress=False
+  )
+  assert np.mean(result.losses[-3:]) < 0.95 * np.mean(result.losses[:3])
+  assert result.num_trainable == result.num_changed == 4 * TINY.hidden_size
+  zero_shot = _translation.zero_shot_translation(pretrained, pairs[:3], config)
+  # The trained prompt reaches generation: the pretrained weights alone translate differently.
+  assert result.samples != zero_shot.samples
 
 
 # 30-55 s on the shared 2-core CPU, most of it compiling the DST step and the export.

@@ -8,8 +8,9 @@ classification head (label prototypes, see ``_train``) is shared by all methods 
 
 DST, full fine-tuning, the random subset and LoRA work on any Flax parameter tree: LoRA adapts
 the kernels under a ``query`` or ``value`` module, which names the attention projections of both
-the BERT encoder and the Llama decoder. BitFit needs bias vectors and prompt tuning the BERT
-encoder's ``word_embeddings`` and soft-prompt input, so those two are BERT-only.
+the BERT encoder and the Llama decoder. Prompt tuning starts from the model's input embeddings
+(BERT's ``word_embeddings``, Llama's ``embed``), and both models take a soft prompt. BitFit needs
+bias vectors, so it is BERT-only (the Llama decoder has none).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SILO_KINDS: dict[str, Callable[[], Any]] = {
   "columns": dst_optax.columns,
 }
 LORA_TARGETS = ("query", "value")
+# Input-embedding modules of the supported models: the BERT encoder's and the Llama decoder's.
+INPUT_EMBEDDINGS = ("word_embeddings", "embed")
 MAX_PROMPT_LENGTH = 256
 
 
@@ -234,19 +237,25 @@ def lora(base: Params, learning_rate: float, rank: int, seed: int) -> Method:
 
 
 def _prompt_vocabulary(base: Params) -> jax.Array:
-  """The input embeddings soft prompts start from; only the BERT encoder takes soft prompts."""
-  if "word_embeddings" not in base["params"]:
-    raise ValueError("Prompt tuning is implemented for the BERT encoder only.")
-  return base["params"]["word_embeddings"]["embedding"]
+  """The input embeddings soft prompts start from."""
+  for name in INPUT_EMBEDDINGS:
+    if name in base["params"]:
+      return base["params"][name]["embedding"]
+  raise ValueError(
+    f"Prompt tuning needs input embeddings under params/{{{', '.join(INPUT_EMBEDDINGS)}}}; "
+    f"this model has {sorted(base['params'])}."
+  )
 
 
 def prompt_tuning(base: Params, learning_rate: float, length: int, seed: int) -> Method:
-  """Prompt tuning (Lester et al. 2021): ``length`` soft tokens after ``[CLS]``.
+  """Prompt tuning (Lester et al. 2021): ``length`` soft tokens the model reads with its input.
+
+  The BERT encoder places them after ``[CLS]``, the Llama decoder before the conversation.
 
   The prompt starts as the embeddings of random vocabulary tokens, as in the paper.
 
   Args:
-    base: pretrained encoder parameters (``{"params": ...}`` of ``BertEncoder``).
+    base: pretrained parameters (``{"params": ...}`` of ``BertEncoder`` or ``LlamaModel``).
     learning_rate: AdamW learning rate (no weight decay on the prompt).
     length: number of soft tokens, 1 to :data:`MAX_PROMPT_LENGTH`.
     seed: seed of the vocabulary sample.

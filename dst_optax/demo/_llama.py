@@ -188,38 +188,55 @@ class LlamaModel(nn.Module):
     self.layers = [_Layer(config) for _ in range(config.num_layers)]
     self.final_norm = _RMSNorm(config.rms_norm_eps)
 
-  def __call__(self, token_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    token_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    soft_prompt: jax.Array | None = None,
+  ) -> jax.Array:
     """Computes causal next-token logits.
 
     Args:
       token_ids: ``(batch, length)`` int token ids.
       attention_mask: optional ``(batch, length)`` bool, True on real tokens; padding is never
         attended to. All tokens are real when omitted.
+      soft_prompt: optional ``(prompt_length, hidden_size)`` input vectors (prompt tuning) placed
+        before every sequence, at positions ``0 … prompt_length - 1``; the tokens follow them.
 
     Returns:
-      ``(batch, length, vocab_size)`` float32 logits; those at padding positions are meaningless.
+      ``(batch, length, vocab_size)`` float32 logits of the tokens (none for the soft prompt);
+      those at padding positions are meaningless.
     """
     if attention_mask is None:
       attention_mask = jnp.ones(token_ids.shape, bool)
-    logits, _ = self._run(token_ids, attention_mask.astype(bool), None, 0)
+    key_mask = jnp.concatenate([_prompt_mask(soft_prompt, len(token_ids)), attention_mask], 1)
+    logits, _ = self._run(token_ids, key_mask.astype(bool), None, 0, soft_prompt)
     return logits
 
   def extend(
-    self, token_ids: jax.Array, attention_mask: jax.Array, cache: KVCache, index: jax.Array | int
+    self,
+    token_ids: jax.Array,
+    attention_mask: jax.Array,
+    cache: KVCache,
+    index: jax.Array | int,
+    soft_prompt: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """Runs ``token_ids`` at cache slots ``index, index + 1, ...``, attending to earlier slots.
 
     Args:
       token_ids: ``(batch, length)`` int token ids to add.
       attention_mask: ``(batch, cache_length)`` bool over all cache slots, True on real tokens
-        (already cached, added now, or to be added later).
+        (already cached, added now, or to be added later) and on soft-prompt slots.
       cache: keys and values of the earlier slots, see :func:`init_cache`.
-      index: cache slot of ``token_ids[:, 0]``.
+      index: cache slot of the first added vector.
+      soft_prompt: optional ``(prompt_length, hidden_size)`` vectors added before ``token_ids``
+        (at slots ``index …``; the tokens then start at ``index + prompt_length``).
 
     Returns:
-      ``(logits, cache)``: logits ``(batch, length, vocab_size)`` and the updated cache.
+      ``(logits, cache)``: logits ``(batch, length, vocab_size)`` of the tokens and the updated
+      cache.
     """
-    return self._run(token_ids, attention_mask.astype(bool), cache, index)
+    return self._run(token_ids, attention_mask.astype(bool), cache, index, soft_prompt)
 
   def _run(
     self,
@@ -227,26 +244,43 @@ class LlamaModel(nn.Module):
     key_mask: jax.Array,
     cache: KVCache | None,
     index: jax.Array | int,
+    soft_prompt: jax.Array | None,
   ) -> tuple[jax.Array, KVCache]:
-    batch, length = token_ids.shape
     if key_mask.shape[1] > self.config.max_positions:
       raise ValueError(
         f"Sequence length {key_mask.shape[1]} exceeds max_positions {self.config.max_positions}."
       )
+    x = self.embed(token_ids)
+    prompt_length = 0
+    if soft_prompt is not None:
+      if soft_prompt.ndim != 2 or soft_prompt.shape[1] != self.config.hidden_size:
+        raise ValueError(
+          f"soft_prompt must have shape (prompt_length, {self.config.hidden_size}); "
+          f"got {soft_prompt.shape}."
+        )
+      prompt_length = soft_prompt.shape[0]
+      prompt = jnp.broadcast_to(soft_prompt.astype(x.dtype), (x.shape[0], *soft_prompt.shape))
+      x = jnp.concatenate([prompt, x], axis=1)
+    batch, length = x.shape[:2]
     slots = jnp.arange(key_mask.shape[1])
     query_slots = index + jnp.arange(length)
     all_positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
     positions = jax.lax.dynamic_slice(all_positions, (0, index), (batch, length))
     mask = (slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
-    x = self.embed(token_ids)
     keys, values = [], []
     for number, layer in enumerate(self.layers):
       cached = None if cache is None else (cache.keys[number], cache.values[number])
       x, (key, value) = layer(x, positions, mask, cached, index)
       keys.append(key)
       values.append(value)
-    logits = self.embed.attend(self.final_norm(x))
+    logits = self.embed.attend(self.final_norm(x[:, prompt_length:]))
     return logits, KVCache(tuple(keys), tuple(values))
+
+
+def _prompt_mask(soft_prompt: jax.Array | None, batch: int) -> jax.Array:
+  """All-True mask ``(batch, prompt_length)`` of the soft-prompt slots (width 0 without one)."""
+  length = 0 if soft_prompt is None else soft_prompt.shape[0]
+  return jnp.ones((batch, length), bool)
 
 
 class PretrainedLlama(NamedTuple):
@@ -441,6 +475,7 @@ def greedy_generate(
   prompt_mask: jax.Array,
   max_new_tokens: int,
   eos_id: int | jax.Array,
+  soft_prompt: jax.Array | None = None,
 ) -> jax.Array:
   """Greedy decoding with a KV cache, for a fixed number of new tokens.
 
@@ -451,16 +486,20 @@ def greedy_generate(
     prompt_mask: ``(batch, prompt_length)``, True (or 1) on real tokens.
     max_new_tokens: tokens to generate per sequence.
     eos_id: end-of-sequence token; once generated, the rest of the sequence repeats it.
+    soft_prompt: optional ``(soft_length, hidden_size)`` vectors before every prompt (prompt
+      tuning), see :meth:`LlamaModel.__call__`.
 
   Returns:
     ``(batch, max_new_tokens)`` int32 generated token ids.
   """
   batch, prompt_length = prompt_ids.shape
-  total = prompt_length + max_new_tokens
+  soft_mask = _prompt_mask(soft_prompt, batch)
   prompt_mask = prompt_mask.astype(bool)
-  mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), bool)], axis=1)
-  cache = init_cache(model.config, batch, total)
-  logits, cache = model.apply(params, prompt_ids, mask, cache, 0, method=LlamaModel.extend)
+  mask = jnp.concatenate([soft_mask, prompt_mask, jnp.ones((batch, max_new_tokens), bool)], 1)
+  cache = init_cache(model.config, batch, mask.shape[1])
+  logits, cache = model.apply(
+    params, prompt_ids, mask, cache, 0, soft_prompt, method=LlamaModel.extend
+  )
   # With padding on either side, the next token follows the last real prompt token.
   last = jnp.max(jnp.where(prompt_mask, jnp.arange(prompt_length), 0), axis=1)
   first = jnp.argmax(logits[jnp.arange(batch), last], axis=-1).astype(jnp.int32)
@@ -477,7 +516,8 @@ def greedy_generate(
     return (following, done, cache), token
 
   carry = (first, jnp.zeros(batch, bool), cache)
-  (final, _, _), tokens = jax.lax.scan(step, carry, prompt_length + jnp.arange(max_new_tokens - 1))
+  first_new_slot = soft_mask.shape[1] + prompt_length
+  (final, _, _), tokens = jax.lax.scan(step, carry, first_new_slot + jnp.arange(max_new_tokens - 1))
   return jnp.concatenate([tokens.T, final[:, None]], axis=1)
 
 
@@ -487,6 +527,7 @@ def answer(
   max_new_tokens: int = 64,
   params: dict[str, Any] | None = None,
   batch_size: int | None = None,
+  soft_prompt: jax.Array | None = None,
 ) -> list[str]:
   """Greedy single-turn answers of the Instruct model, up to its end-of-turn token.
 
@@ -497,6 +538,7 @@ def answer(
     params: parameters to generate with instead of the pretrained ones (a fine-tuned model).
     batch_size: questions per generation call, all at once when None. Every call has the same
       shape (the last batch is padded), so generation compiles once.
+    soft_prompt: optional soft prompt placed before every conversation (prompt tuning).
 
   Returns:
     The decoded answers, without special tokens.
@@ -517,6 +559,7 @@ def answer(
         attention_mask[start : start + batch_size],
         max_new_tokens,
         end_of_turn,
+        soft_prompt,
       )
       for start in range(0, len(token_ids), batch_size)
     ]

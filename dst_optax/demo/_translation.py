@@ -152,14 +152,12 @@ def target_loss(model: _llama.LlamaModel) -> _train.LossFn:
     model: the decoder.
 
   Returns:
-    ``(params, prompt, ids, attention_mask, target_mask) -> loss``; ``prompt`` must be None
-    (soft prompts are not implemented for the decoder).
+    ``(params, prompt, ids, attention_mask, target_mask) -> loss``; ``prompt`` is a soft prompt
+    placed before each conversation (prompt tuning) or None.
   """
 
   def loss_fn(params, prompt, ids, attention_mask, target_mask):
-    if prompt is not None:
-      raise ValueError("Prompt tuning is not implemented for the Llama decoder.")
-    logits = model.apply(params, ids, attention_mask)
+    logits = model.apply(params, ids, attention_mask, prompt)
     # The logits at position t predict token t + 1: score them where t + 1 is a reply token.
     losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
     weights = target_mask[:, 1:].astype(losses.dtype)
@@ -181,6 +179,7 @@ def translate_and_score(
   params: Any,
   pairs: Sequence[_verses.VersePair],
   config: TranslationConfig,
+  soft_prompt: Any = None,
 ) -> tuple[dict[str, float], list[str], float]:
   """Greedily translates the English side of ``pairs`` and scores it against the Spanish.
 
@@ -189,6 +188,7 @@ def translate_and_score(
     params: the parameters to translate with.
     pairs: evaluation pairs.
     config: generation length and batch size.
+    soft_prompt: the trained soft prompt of prompt tuning, else None.
 
   Returns:
     ``(scores, translations, seconds)``: chrF and BLEU, the outputs, wall-clock seconds.
@@ -200,6 +200,7 @@ def translate_and_score(
     config.max_new_tokens,
     params,
     config.eval_batch_size,
+    soft_prompt,
   )
   seconds = time.perf_counter() - start
   scores = _metrics.translation_scores(
@@ -220,7 +221,7 @@ def run_translation(
 
   Args:
     pretrained: the decoder and its pretrained parameters.
-    method: what to train and how (not prompt tuning).
+    method: what to train and how.
     train_pairs: encoded training conversations.
     test_pairs: evaluation pairs, see :func:`evaluation_pairs`.
     config: training and evaluation settings.
@@ -238,7 +239,7 @@ def run_translation(
     progress,
   )
   scores, translations, eval_seconds = translate_and_score(
-    pretrained, trained.params, test_pairs, config
+    pretrained, trained.params, test_pairs, config, trained.prompt
   )
   return TranslationResult(
     method.name, method.label, scores["chrf"], scores["bleu"], method.num_trainable,
