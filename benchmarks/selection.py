@@ -1,7 +1,7 @@
 """Speed of silo-wise selection: adam + DST versus adam alone.
 
 Measures, in one process, median wall times of jitted optimizer updates on a
-T5-shaped parameter tree:
+T5-shaped parameter tree (or the 16 × 1024² tree the targets were calibrated on):
 
 * ``adam``: ``optax.adam(...).update`` alone (the unit of the ratios);
 * ``ours``: ``optax.chain(optax.adam(...), dst_optax.dynamic_subset_tuning(ε))``,
@@ -10,8 +10,9 @@ T5-shaped parameter tree:
 * ``quantile``: adam + DST with the paper's literal per-silo ``jnp.quantile``;
 * ``top_k``: adam + DST with ``lax.top_k`` per silo.
 
-Sizes: ~1M, ~16M and ~107M parameters; silos per tensor or per row; ε over
-``--fractions``. Prints a table of ratios to adam alone and writes JSON and a PNG.
+Sizes: ~1M, ~16M and ~107M parameters (T5-shaped) and ``16M-square``; silos per
+tensor or per row; ε over ``--fractions``. Prints a table of ratios to adam alone
+and writes JSON and a PNG.
 
 Run ``python benchmarks/selection.py --help`` for the subset flags.
 """
@@ -42,6 +43,9 @@ METHODS = ("ours", "quantile", "top_k")
 SILO_KINDS = ("per_tensor", "rows")
 # d_model, d_ff, vocabulary, encoder layers = decoder layers; about 1M, 16M, 107M params.
 T5_SHAPES = {"1M": (128, 512, 2048, 2), "16M": (256, 1024, 32128, 4), "100M": (768, 3072, 32128, 5)}
+# Number and side of square matrices: the tree the issue's and DESIGN.md's costs were measured on.
+SQUARE_SHAPES = {"16M-square": (16, 1024)}
+SIZES = (*T5_SHAPES, *SQUARE_SHAPES)
 
 
 def t5_shaped_params(size: str, key: jax.Array) -> dict[str, Any]:
@@ -63,6 +67,18 @@ def t5_shaped_params(size: str, key: jax.Array) -> dict[str, Any]:
     name: jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])
     for k, (name, shape) in zip(keys, shapes.items(), strict=True)
   }
+
+
+def square_params(size: str, key: jax.Array) -> dict[str, jax.Array]:
+  """``count`` independent ``side × side`` matrices."""
+  count, side = SQUARE_SHAPES[size]
+  keys = jax.random.split(key, count)
+  return {f"w{i}": jax.random.normal(k, (side, side)) / math.sqrt(side) for i, k in enumerate(keys)}
+
+
+def benchmark_params(size: str, key: jax.Array) -> dict[str, jax.Array]:
+  """The parameter tree named ``size`` (see :data:`SIZES`)."""
+  return square_params(size, key) if size in SQUARE_SHAPES else t5_shaped_params(size, key)
 
 
 def random_grads(params: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
@@ -146,6 +162,7 @@ class SteadyStateSteps:
     state = jax.tree.map(jnp.copy, optimizer.init(self.params))
     current = jax.tree.map(jnp.copy, self.params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    compile_seconds = float("nan")  # Compiled for an earlier ε: no cost here.
     if key not in self.compiled:
 
       def update(grads, state, params):
@@ -154,7 +171,9 @@ class SteadyStateSteps:
 
       # Params and state donated, as in a training loop: each step writes in place.
       jitted = jax.jit(update, donate_argnums=(1, 2))
+      start = time.perf_counter()
       self.compiled[key] = jitted.lower(self.grads[-1], state, current).compile()
+      compile_seconds = time.perf_counter() - start
     compiled = self.compiled[key]
     if method == "ours":
       for step_grads in self.grads[:-1]:
@@ -170,6 +189,7 @@ class SteadyStateSteps:
     return step, {
       "state_bytes": state_bytes,
       "temp_bytes": getattr(memory, "temp_size_in_bytes", float("nan")),
+      "compile_seconds": compile_seconds,
     }
 
 
@@ -187,13 +207,17 @@ def interleaved_medians(steps: list[Callable[[], Any]], repeats: int) -> list[fl
 def run(args: argparse.Namespace) -> dict[str, Any]:
   results = []
   for size in args.sizes:
-    params = t5_shaped_params(size, jax.random.key(0))
+    params = benchmark_params(size, jax.random.key(0))
     num_params = sum(x.size for x in jax.tree.leaves(params))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     grads = [random_grads(params, jax.random.key(step)) for step in range(WARMUP_STEPS + 1)]
     steps = SteadyStateSteps(params, grads)
     adam_step, adam_info = steps.step("adam", 1.0, "per_tensor")
-    print(f"\n{size}: {num_params / 1e6:.1f}M params", flush=True)
+    print(
+      f"\n{size}: {num_params / 1e6:.1f}M params in {len(params)} tensors "
+      f"(adam compiles in {adam_info['compile_seconds']:.1f} s)",
+      flush=True,
+    )
     for silo_kind in args.silos:
       for fraction in args.fractions:
         row = {"size": size, "num_params": num_params, "silos": silo_kind, "fraction": fraction}
@@ -211,10 +235,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           row[f"{method}_seconds"] = method_seconds
           row[f"{method}_ratio"] = method_seconds / adam_seconds
           row[f"{method}_temp_bytes"] = info["temp_bytes"]
+          row[f"{method}_compile_seconds"] = info["compile_seconds"]
           if method == "ours":
             dst_state_bytes = info["state_bytes"] - adam_info["state_bytes"]
             row["dst_state_bytes_per_param_byte"] = dst_state_bytes / param_bytes
         row["adam_temp_bytes"] = adam_info["temp_bytes"]
+        row["adam_compile_seconds"] = adam_info["compile_seconds"]
         results.append(row)
         print(_format_row(row), flush=True)
   return {
@@ -231,9 +257,11 @@ def _format_row(row: dict[str, Any]) -> str:
     f"{method} {row[f'{method}_ratio']:6.2f}x" if f"{method}_ratio" in row else f"{method}     -  "
     for method in METHODS
   )
+  compiled = row.get("ours_compile_seconds", float("nan"))
   return (
     f"{row['size']:>5} {row['silos']:>10} eps={row['fraction']:<7g} "
     f"adam {row['adam_seconds'] * 1e3:8.1f} ms  {ratios}"
+    + ("" if math.isnan(compiled) else f"  (ours compiled in {compiled:.1f} s)")
   )
 
 
@@ -244,7 +272,7 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   rows = report["results"]
-  sizes = sorted({r["size"] for r in rows}, key=list(T5_SHAPES).index)
+  sizes = sorted({r["size"] for r in rows}, key=SIZES.index)
   figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
   for ax, size in zip(axes[0], sizes, strict=True):
     for silo_kind, marker in zip(SILO_KINDS, "os", strict=True):
@@ -266,15 +294,15 @@ def plot(report: dict[str, Any], path: pathlib.Path) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", nargs="+", default=list(T5_SHAPES), choices=list(T5_SHAPES))
+  parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
   parser.add_argument("--silos", nargs="+", default=list(SILO_KINDS), choices=SILO_KINDS)
   parser.add_argument("--fractions", nargs="+", type=float, default=[1e-6, 1e-4, 1e-2, 0.1, 0.5])
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   parser.add_argument(
     "--sort-sizes",
     nargs="*",
-    default=["1M", "16M"],
-    choices=list(T5_SHAPES),
+    default=["1M", "16M", "16M-square"],
+    choices=SIZES,
     help="sizes at which the sort-based baselines run (slow)",
   )
   parser.add_argument(
