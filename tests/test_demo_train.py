@@ -42,9 +42,14 @@ def test_every_method_trains_and_reports(setup, name):
   pretrained, split, prototypes = setup
   method = _baselines.matched_method(name, pretrained.params, 0.05)
   config = _train.TrainConfig(steps=2, batch_size=8, eval_batch_size=16)
-  result = _train.run_method(pretrained, method, prototypes, split, split, config, progress=False)
+  # Validation is the test split with every label flipped: its accuracy is the complement.
+  flipped = split._replace(labels=1 - split.labels)
+  result = _train.run_method(
+    pretrained, method, prototypes, split, split, config, progress=False, validation_split=flipped
+  )
   assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
   assert 0.0 <= result.accuracy <= 1.0
+  assert result.validation_accuracy == pytest.approx(1.0 - result.accuracy)
   assert result.num_changed > 0
   if name in ("dst", "random", "bitfit"):
     assert result.num_changed <= result.num_trainable
@@ -60,6 +65,18 @@ def test_dst_training_reduces_loss(setup):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
   exported, _ = method.export(trainable, pretrained.params)
   assert _train.count_changed(exported, None, pretrained.params) <= method.num_trainable
+
+
+def test_validation_accuracy_is_optional(setup):
+  pretrained, split, prototypes = setup
+  config = _train.TrainConfig(eval_batch_size=16)
+  without = _train.zero_shot_result(pretrained, prototypes, split, config)
+  assert without.validation_accuracy is None
+  half = _train.EncodedSplit(split.input_ids[:32], split.attention_mask[:32], 1 - split.labels[:32])
+  result = _train.zero_shot_result(pretrained, prototypes, split, config, validation_split=half)
+  assert result.accuracy == without.accuracy
+  expected = _train.evaluate(pretrained.model, pretrained.params, None, prototypes, half, 16)
+  assert result.validation_accuracy == expected
 
 
 def test_evaluate_pads_the_last_batch(setup):

@@ -72,6 +72,8 @@ class RunResult(NamedTuple):
       pairs for sparse methods, the trainable tensors for dense ones.
     train_seconds: wall-clock seconds of training, compilation included.
     losses: training loss per step.
+    validation_accuracy: validation accuracy of the exported model (what a learning rate is
+      chosen by), or None when no validation split was evaluated.
   """
 
   name: str
@@ -82,6 +84,7 @@ class RunResult(NamedTuple):
   storage_bytes: int
   train_seconds: float
   losses: list[float]
+  validation_accuracy: float | None = None
 
 
 def encode_split(tokenizer: Any, split: _data.SentimentSplit) -> EncodedSplit:
@@ -320,8 +323,9 @@ def run_method(
   test_split: EncodedSplit,
   config: TrainConfig,
   progress: bool = True,
+  validation_split: EncodedSplit | None = None,
 ) -> RunResult:
-  """Trains ``method``, exports the model and evaluates it on ``test_split``.
+  """Trains ``method``, exports the model and evaluates it on ``test_split`` (and validation).
 
   Args:
     pretrained: the encoder and its pretrained parameters.
@@ -331,6 +335,7 @@ def run_method(
     test_split: encoded evaluation examples.
     config: steps, batch size, seed.
     progress: show a progress bar.
+    validation_split: encoded validation examples, also evaluated when given.
 
   Returns:
     The run's result.
@@ -343,14 +348,32 @@ def run_method(
     config,
     progress,
   )
-  accuracy = evaluate(
-    pretrained.model, trained.params, trained.prompt, prototypes, test_split,
-    config.eval_batch_size,
+  accuracy, validation_accuracy = _evaluate_splits(
+    pretrained.model, trained.params, trained.prompt, prototypes, test_split, validation_split,
+    config,
   )  # fmt: skip
   return RunResult(
     method.name, method.label, accuracy, method.num_trainable, trained.num_changed,
-    trained.storage_bytes, trained.train_seconds, trained.losses,
+    trained.storage_bytes, trained.train_seconds, trained.losses, validation_accuracy,
   )  # fmt: skip
+
+
+def _evaluate_splits(
+  model: _bert.BertEncoder,
+  params: Any,
+  prompt: jax.Array | None,
+  prototypes: jax.Array,
+  test_split: EncodedSplit,
+  validation_split: EncodedSplit | None,
+  config: TrainConfig,
+) -> tuple[float, float | None]:
+  """Test accuracy and validation accuracy (None without a validation split)."""
+  accuracy = evaluate(model, params, prompt, prototypes, test_split, config.eval_batch_size)
+  if validation_split is None:
+    return accuracy, None
+  return accuracy, evaluate(
+    model, params, prompt, prototypes, validation_split, config.eval_batch_size
+  )
 
 
 def zero_shot_result(
@@ -358,9 +381,23 @@ def zero_shot_result(
   prototypes: jax.Array,
   test_split: EncodedSplit,
   config: TrainConfig,
+  validation_split: EncodedSplit | None = None,
 ) -> RunResult:
-  """The untrained classifier: the pretrained encoder against the label prototypes."""
-  accuracy = evaluate(
-    pretrained.model, pretrained.params, None, prototypes, test_split, config.eval_batch_size
+  """The untrained classifier: the pretrained encoder against the label prototypes.
+
+  Args:
+    pretrained: the encoder and its pretrained parameters.
+    prototypes: label prototypes.
+    test_split: encoded evaluation examples.
+    config: its ``eval_batch_size`` is used.
+    validation_split: encoded validation examples, also evaluated when given.
+
+  Returns:
+    The zero-shot result (no budget, no training).
+  """
+  accuracy, validation_accuracy = _evaluate_splits(
+    pretrained.model, pretrained.params, None, prototypes, test_split, validation_split, config
   )
-  return RunResult("zero-shot", "zero-shot (no training)", accuracy, 0, 0, 0, 0.0, [])
+  return RunResult(
+    "zero-shot", "zero-shot (no training)", accuracy, 0, 0, 0, 0.0, [], validation_accuracy
+  )
