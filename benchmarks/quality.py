@@ -228,8 +228,7 @@ class Selected(NamedTuple):
 
   Attributes:
     record: the kept run.
-    num_rates: learning rates with a selection score among which it was chosen; 0 for a lone
-      run without one (recorded before validation scores), kept as it is.
+    num_rates: learning rates with a selection score among which it was chosen.
   """
 
   record: dict[str, Any]
@@ -239,29 +238,26 @@ class Selected(NamedTuple):
 def select_runs(records: list[dict[str, Any]], score: str) -> list[Selected]:
   """Per configuration (method, budget, silo kind), seed and settings: the best-``score`` run.
 
-  Runs differing only in learning rate form one group; ties go to the lowest rate. Records
-  from before the learning-rate grid carry no ``configuration`` and are keyed by their label.
+  Runs differing only in learning rate form one group; ties go to the lowest rate. Runs without
+  ``score`` (recorded before it was) take no part. Records from before the learning-rate grid
+  carry no ``configuration`` and are keyed by their label.
 
   Args:
     records: the recorded runs.
     score: record key of the selection score (e.g. validation accuracy).
 
   Returns:
-    One :class:`Selected` per group, in order of first appearance.
+    One :class:`Selected` per group with a scored run, in order of first appearance.
   """
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for record in records:
-    configuration = record.get("configuration", record["label"])
-    groups.setdefault((configuration, record["key"].partition("|")[2]), []).append(record)
-  selected = []
-  for runs in groups.values():
-    scored = [run for run in runs if run.get(score) is not None]
-    if scored:
-      best = max(scored, key=lambda run: (run[score], -run.get("learning_rate", 0.0)))
-      selected.append(Selected(best, len(scored)))
-    else:
-      selected.extend(Selected(run, 0) for run in runs)
-  return selected
+    if record.get(score) is not None:
+      configuration = record.get("configuration", record["label"])
+      groups.setdefault((configuration, record["key"].partition("|")[2]), []).append(record)
+  return [
+    Selected(max(runs, key=lambda run: (run[score], -run.get("learning_rate", 0.0))), len(runs))
+    for runs in groups.values()
+  ]
 
 
 def _write_atomically(path: pathlib.Path, text: str) -> None:
@@ -275,7 +271,7 @@ def plot(records: list[dict[str, Any]], path: pathlib.Path, task: Task) -> None:
 
   Args:
     records: the recorded runs; where the task has a selection score, only the selected rate
-      of each method, budget and seed is drawn.
+      of each method, budget and seed is drawn (runs without the score are left out).
     path: the image file to write.
     task: the task (its plotted score, title and selection score).
   """
@@ -347,8 +343,8 @@ def selected_table(records: list[dict[str, Any]], task: Task) -> str:
     task: a task with a selection score.
 
   Returns:
-    A Markdown table with the chosen learning rate and how many rates it was chosen among; a
-    lone run without the selection score shows its rate as "untuned" and "–" rates.
+    A Markdown table with the chosen learning rate and how many rates it was chosen among,
+    followed by a line counting the runs left out for lacking the selection score.
   """
   headers = " | ".join(header for header, _, _ in task.scores)
   lines = [
@@ -357,13 +353,14 @@ def selected_table(records: list[dict[str, Any]], task: Task) -> str:
   ]
   selected = select_runs(records, task.selection_score)
   for record, num_rates in sorted(selected, key=lambda s: _table_order(s.record)):
-    rate = record.get("learning_rate")
-    rate_text = "default" if rate is None else f"{rate:g}"
-    rate_text += "" if num_rates else " (untuned)"
+    trained = record["method"] != "zero-shot"
+    rates = f"{num_rates} | {record['learning_rate']:g}" if trained else "– | –"
     lines.append(
       f"| {record.get('configuration', record['label'])} | {record.get('seed', '–')} | "
-      f"{record['num_trainable']:,} | {num_rates or '–'} | {rate_text} | {_scores(record, task)} |"
+      f"{record['num_trainable']:,} | {rates} | {_scores(record, task)} |"
     )
+  left_out = sum(record.get(task.selection_score) is None for record in records)
+  lines.append(f"\nRuns left out for lacking a selection score: {left_out}.")
   return "\n".join(lines)
 
 

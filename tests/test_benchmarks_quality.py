@@ -89,17 +89,18 @@ def test_selection_takes_the_best_validation_rate_per_budget_and_seed():
   assert chosen[dst, 0] == (records[1], 3)
   assert chosen[dst, 1] == (records[3], 1)
   assert chosen["LoRA r=2", 0] == (records[4], 2)
-  assert selected[3].num_rates == 0 and selected[3].record["label"] == "BitFit"
-  assert len(selected) == 4
+  assert len(selected) == 3  # The run without validation accuracy takes no part.
 
 
 def test_selected_table_reports_the_chosen_rate_and_its_test_accuracy():
   dst = "DST ε=0.001 per-tensor"
   records = [_record(dst, 1e-3, 0.70, 0.90, lr_in_label=False), _record(dst, 3e-3, 0.80, 0.75)]
+  records.append(_record("BitFit", 1e-3, None, 0.99, lr_in_label=False))
   table = quality.selected_table(records, SENTIMENT)
-  (row,) = [line for line in table.splitlines() if line.startswith(f"| {dst} ")]
+  (row,) = [line for line in table.splitlines() if line.startswith("| DST")]
   assert row == f"| {dst} | 0 | 100 | 2 | 0.003 | 80.0% | 75.0% |"
-  assert "90.0%" not in table
+  assert "90.0%" not in table and "BitFit" not in table
+  assert table.endswith("Runs left out for lacking a selection score: 1.")
 
 
 def test_table_shows_missing_scores_as_dashes():
