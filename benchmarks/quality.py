@@ -17,7 +17,8 @@ next to the JSON.
 
 LoRA ranks and prompt lengths are matched to DST's per-tensor budget at each ε; runs whose
 matched configuration repeats (e.g. LoRA r=1 at several tiny ε) are run once. The translation
-task has no BitFit (the decoder has no biases) and no prompt tuning (not implemented for it).
+task has no BitFit (the decoder has no biases); its prompt tuning puts the soft prompt before
+the conversation.
 
   python benchmarks/quality.py                       # the default sentiment grid
   python benchmarks/quality.py --methods dst --silos global --fractions 1e-5 1e-4
