@@ -46,19 +46,27 @@ class DynamicSubsetTuningState(NamedTuple):
       restores is accepted). The seed is captured when it is 0.
     seed: the seed parameters Θ0, shaped (and shardable) like the params.
     threshold: ``(num_silos,)`` float32 k-th largest Δ at the last step.
+    threshold_change: ``(num_silos,)`` float32 change of the threshold at the
+      last step (NaN when unknown); the next search extrapolates it.
+    threshold_error: ``(num_silos,)`` float32 how far the last change was from
+      the one before (NaN when unknown); the next search's window scales with it.
     budget: ``(num_silos,)`` int32 free coordinates per silo at the last step.
     num_changed: ``(num_silos,)`` int32 coordinates kept different from the seed.
     num_entered: ``(num_silos,)`` int32 coordinates that joined the subset.
     num_exited: ``(num_silos,)`` int32 coordinates that left it.
+    num_passes: int32 passes over Δ the last threshold search took.
   """
 
   count: jax.Array
   seed: optax.Params
   threshold: jax.Array
+  threshold_change: jax.Array
+  threshold_error: jax.Array
   budget: jax.Array
   num_changed: jax.Array
   num_entered: jax.Array
   num_exited: jax.Array
+  num_passes: jax.Array
 
 
 def _check_fraction(fraction_of_free_params: Fraction) -> None:
@@ -125,10 +133,10 @@ def _select(
   layout: _silos.SiloLayout,
   budgets: jax.Array,
   distance: _distances.DistanceFn,
-  previous_threshold: jax.Array | None = None,
+  warm_start: _selection.WarmStart | None = None,
 ) -> _selection.Selection:
   keys = _distance_keys(distance, layout, proposals, seeds)
-  return _selection.select_top_k(keys, layout, budgets, previous_threshold)
+  return _selection.select_top_k(keys, layout, budgets, warm_start)
 
 
 def dynamic_subset_tuning(
@@ -188,14 +196,18 @@ def dynamic_subset_tuning(
     if not callable(fraction_of_free_params):
       _silos.warn_if_frozen(layout, fraction_of_free_params)
     per_silo_zeros = jnp.zeros(layout.num_silos, jnp.int32)
+    per_silo_unknown = jnp.full(layout.num_silos, jnp.nan, jnp.float32)
     return DynamicSubsetTuningState(
       count=jnp.zeros([], jnp.int32),
       seed=jax.tree.map(jnp.zeros_like, params),
       threshold=jnp.zeros(layout.num_silos, jnp.float32),
+      threshold_change=per_silo_unknown,
+      threshold_error=per_silo_unknown,
       budget=per_silo_zeros,
       num_changed=per_silo_zeros,
       num_entered=per_silo_zeros,
       num_exited=per_silo_zeros,
+      num_passes=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(
@@ -230,8 +242,15 @@ def dynamic_subset_tuning(
       (p + u).astype(p.dtype) if leaf is not None else p
       for p, u, leaf in zip(leaves_p, leaves_u, layout.leaves, strict=True)
     ]
-    # The last threshold is only a warm start: selection is exact from any start.
-    selection = _select(proposals, leaves_s, layout, budgets, distance_fn, state.threshold)
+    # The last thresholds are only a warm start: selection is exact from any start.
+    warm_start = _selection.WarmStart(
+      state.threshold, state.threshold_change, state.threshold_error
+    )
+    selection = _select(proposals, leaves_s, layout, budgets, distance_fn, warm_start)
+    # NaN after the first step (no threshold before it) and around NaN thresholds.
+    threshold_change = jnp.where(
+      state.threshold > 0, selection.threshold - state.threshold, jnp.nan
+    )
 
     # Membership before this step: kept coordinates sit exactly at their Δ from
     # the last selection, which is ≥ that step's threshold.
@@ -270,10 +289,13 @@ def dynamic_subset_tuning(
       count=optax.safe_increment(state.count),
       seed=seed_tree,
       threshold=selection.threshold,
+      threshold_change=threshold_change,
+      threshold_error=threshold_change - state.threshold_change,
       budget=budgets,
       num_changed=selection.num_selected,
       num_entered=num_entered,
       num_exited=num_exited,
+      num_passes=selection.num_passes,
     )
     return jax.tree.unflatten(treedef, new_updates), new_state
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -64,7 +65,8 @@ class Selector:
   """Jitted selection per silo kind, compiled once per layout.
 
   Budgets and the warm start are traced; no warm start is a NaN threshold, which
-  the selection treats like any unusable guess (a cold start).
+  the selection treats like any unusable guess (a cold start); an unknown change
+  or error is NaN too.
   """
 
   def __init__(self, shapes=SHAPES):
@@ -76,17 +78,17 @@ class Selector:
     tree = {f"leaf{i}": spec for i, spec in enumerate(specs_of(kind, self.shapes))}
     return _silos.build_layout(params, tree)
 
-  def __call__(self, kind, deltas, fraction, previous_threshold=np.nan):
+  def __call__(self, kind, deltas, fraction, threshold=np.nan, change=np.nan, error=np.nan):
     layout = self.layout(kind)
     if kind not in self.compiled:
-      self.compiled[kind] = jax.jit(
-        lambda keys, budgets, previous: _selection.select_top_k(keys, layout, budgets, previous)
-      )
+      self.compiled[kind] = jax.jit(functools.partial(_selection.select_top_k, layout=layout))
     keys = [_selection.distance_keys(jnp.asarray(d)) for d in deltas]
-    previous_threshold = jnp.broadcast_to(
-      jnp.asarray(previous_threshold, jnp.float32), (layout.num_silos,)
+    per_silo = lambda value: jnp.broadcast_to(jnp.asarray(value, jnp.float32), (layout.num_silos,))
+    return self.compiled[kind](
+      keys,
+      budgets=layout.budgets(fraction),
+      warm_start=_selection.WarmStart(per_silo(threshold), per_silo(change), per_silo(error)),
     )
-    return self.compiled[kind](keys, layout.budgets(fraction), previous_threshold)
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +101,11 @@ def expected_masks(kind, deltas, fraction, shapes=SHAPES):
   return reference.select(deltas, zeros, specs_of(kind, shapes), fraction)
 
 
-def assert_same_selection(selection, kind, deltas, fraction):
-  for want, have in zip(expected_masks(kind, deltas, fraction), selection.masks, strict=True):
+def assert_same_selection(selection, kind, deltas, fraction, shapes=SHAPES):
+  want_masks = expected_masks(kind, deltas, fraction, shapes)
+  for want, have in zip(want_masks, selection.masks, strict=True):
     np.testing.assert_array_equal(np.asarray(have), want)
-  want_counts = sum(int(m.sum()) for m in expected_masks(kind, deltas, fraction))
+  want_counts = sum(int(m.sum()) for m in want_masks)
   assert int(np.sum(selection.num_selected)) == want_counts
 
 
@@ -120,12 +123,19 @@ def test_matches_reference_for_every_fraction(selector, kind, delta_kind):
   "previous", [0.0, 0.5, 1e-30, 1e30, np.inf, np.nan, -0.25, 3.4e38], ids=repr
 )
 def test_any_warm_start_is_exact(selector, kind, previous):
-  """Wrong, stale, infinite or NaN thresholds only change the number of passes."""
+  """Wrong, stale, infinite or NaN thresholds and moves only change the number of passes."""
   rng = np.random.default_rng(1)
   for fraction, delta_kind in [(0.01, "random"), (0.3, "ties"), (0.5, "wide_range")]:
     deltas = make_deltas(rng, delta_kind)
-    selection = selector(kind, deltas, fraction, previous)
-    assert_same_selection(selection, kind, deltas, fraction)
+    for change, error in [
+      (np.nan, np.nan),
+      (0.0, 0.0),
+      (1e-3, np.nan),
+      (-previous, 1e-3),
+      (np.inf, -np.inf),
+    ]:
+      selection = selector(kind, deltas, fraction, previous, change, error)
+      assert_same_selection(selection, kind, deltas, fraction)
 
 
 def test_threshold_is_the_kth_largest(selector):
@@ -152,6 +162,43 @@ def test_warm_started_threshold_is_reused(selector):
     threshold = selection.threshold
 
 
+@pytest.mark.parametrize(
+  ("shape", "passes"),
+  [
+    # A silo of 2^14 coordinates takes 10-bit histogram passes, one of 64 3-bit
+    # counting passes. Per start: cold, last change known, last error known too,
+    # exact threshold.
+    ((128, 128), (4, 2, 1, 1)),
+    ((64,), (11, 6, 3, 1)),
+  ],
+  ids=["histogram", "counted"],
+)
+def test_extrapolated_warm_start_saves_passes(shape, passes):
+  """A threshold extrapolated to within its window takes the fewest passes."""
+  selector = Selector((shape,))
+  delta = np.random.default_rng(5).random(shape).astype(np.float32)
+  fraction = 0.05
+  kth = np.sort(delta.ravel())[::-1][math.floor(fraction * delta.size) - 1]
+  # Last step the threshold was 0.1% lower and rose by 0.1% (~2^14 keys of Δ≈0.95):
+  # a window of 2^17 keys. Knowing that the rise was as predicted within 1e-6
+  # (~2^4 keys) narrows it to 2^8.
+  last, change = kth * 0.999, kth * 0.001
+  starts = [
+    (np.nan, np.nan, np.nan),
+    (last, change, np.nan),
+    (last, change, kth * 1e-6),
+    (kth, 0.0, 0.0),
+  ]
+  for start, want_passes in zip(starts, passes, strict=True):
+    selection = selector("per_tensor", [delta], fraction, *start)
+    assert_same_selection(selection, "per_tensor", [delta], fraction, (shape,))
+    assert int(selection.num_passes) == want_passes, start
+  # A wrong extrapolation costs passes, not exactness.
+  selection = selector("per_tensor", [delta], fraction, last, -change, kth * 1e-6)
+  assert_same_selection(selection, "per_tensor", [delta], fraction, (shape,))
+  assert int(selection.num_passes) > passes[2]
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
   kind=st.sampled_from(FAST_KINDS),
@@ -159,12 +206,14 @@ def test_warm_started_threshold_is_reused(selector):
   seed=st.integers(0, 2**16),
   levels=st.integers(1, 6),
   previous=st.floats(0.0, 2.0) | st.just(float("nan")),
+  change=st.floats(-2.0, 2.0) | st.just(float("nan")),
+  error=st.floats(-1.0, 1.0) | st.just(float("nan")),
 )
-def test_invariants(selector, kind, fraction, seed, levels, previous):
+def test_invariants(selector, kind, fraction, seed, levels, previous, change, error):
   """Exact budget, and every selected Δ ≥ every unselected Δ of the same silo."""
   rng = np.random.default_rng(seed)
   deltas = [(rng.integers(0, levels, s) / levels).astype(np.float32) for s in SHAPES]
-  selection = selector(kind, deltas, fraction, previous)
+  selection = selector(kind, deltas, fraction, previous, change, error)
   assert_same_selection(selection, kind, deltas, fraction)
 
 

@@ -516,6 +516,34 @@ def test_stats_track_entries_and_exits():
     )
 
 
+def test_steady_training_finds_the_threshold_in_one_pass():
+  """The state's threshold trend makes a creeping threshold a one-pass search."""
+  params = {"w": jax.random.normal(jax.random.key(0), (128, 128))}
+  grads = {"w": jax.random.normal(jax.random.key(1), (128, 128))}
+  tx = optax.chain(optax.sgd(1e-3), dst_optax.dynamic_subset_tuning(0.05))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  thresholds, passes = [], []
+  for _ in range(6):
+    params, state = step(params, state)
+    dst_state = dst_optax.find_state(state)
+    thresholds.append(np.asarray(dst_state.threshold))
+    passes.append(int(dst_state.num_passes))
+  # A constant gradient moves the kept coordinates by the same amount every step,
+  # so the threshold grows linearly and the extrapolation error is rounding.
+  np.testing.assert_allclose(dst_state.threshold_change, thresholds[-1] - thresholds[-2])
+  np.testing.assert_allclose(dst_state.threshold_error, 0.0, atol=1e-6 * float(thresholds[-1][0]))
+  # 2^14 coordinates, 10-bit passes: cold (4), last threshold only (±25%: 3),
+  # then one pass once the change and its error are known.
+  assert passes[:2] == [4, 3]
+  assert passes[3:] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("spec_kind", sorted(SPEC_KINDS))
 @pytest.mark.parametrize(
   "base",
