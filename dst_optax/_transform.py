@@ -195,18 +195,19 @@ def dynamic_subset_tuning(
     layout = _silos.build_layout(params, silos, mask)
     if not callable(fraction_of_free_params):
       _silos.warn_if_frozen(layout, fraction_of_free_params)
-    per_silo_zeros = jnp.zeros(layout.num_silos, jnp.int32)
-    per_silo_unknown = jnp.full(layout.num_silos, jnp.nan, jnp.float32)
+    # A fresh array per field: a state sharing buffers cannot be donated.
+    per_silo_zeros = lambda: jnp.zeros(layout.num_silos, jnp.int32)
+    per_silo_unknown = lambda: jnp.full(layout.num_silos, jnp.nan, jnp.float32)
     return DynamicSubsetTuningState(
       count=jnp.zeros([], jnp.int32),
       seed=jax.tree.map(jnp.zeros_like, params),
       threshold=jnp.zeros(layout.num_silos, jnp.float32),
-      threshold_change=per_silo_unknown,
-      threshold_error=per_silo_unknown,
-      budget=per_silo_zeros,
-      num_changed=per_silo_zeros,
-      num_entered=per_silo_zeros,
-      num_exited=per_silo_zeros,
+      threshold_change=per_silo_unknown(),
+      threshold_error=per_silo_unknown(),
+      budget=per_silo_zeros(),
+      num_changed=per_silo_zeros(),
+      num_entered=per_silo_zeros(),
+      num_exited=per_silo_zeros(),
       num_passes=jnp.zeros([], jnp.int32),
     )
 
@@ -229,10 +230,13 @@ def dynamic_subset_tuning(
     budgets = layout.budgets(fraction_at(state.count))
     # A cond, not an elementwise select: under buffer donation the steady-state
     # branch hands the seed buffers through untouched instead of rewriting them.
+    # The seed is the cond's operand, which that branch returns as is; captured
+    # by closure (or returned from another branch) XLA copies it every step.
     seed_tree = jax.lax.cond(
       state.count == 0,
-      lambda: params,
-      lambda: jax.tree.map(lambda p, s: jnp.asarray(s, p.dtype), params, state.seed),
+      lambda seed: params,
+      lambda seed: seed,
+      jax.tree.map(lambda p, s: jnp.asarray(s, p.dtype), params, state.seed),
     )
 
     leaves_u, treedef = jax.tree.flatten(updates)
@@ -274,13 +278,19 @@ def dynamic_subset_tuning(
     num_entered, num_exited = _selection.count_per_silo(
       [None if e is None else (e, x) for e, x in zip(entered, exited, strict=True)], layout
     )
+    # The counts read the params, whose donated buffers the caller's
+    # `apply_updates` overwrites. Making the updates depend on the counts (by an
+    # always-true test XLA cannot fold) schedules the counting first; otherwise
+    # XLA copies every param to keep them alive (an optimization barrier does
+    # not survive XLA:CPU's pipeline).
+    counted = jnp.min(num_entered, initial=0) >= 0
 
     # A proposal that already equals the seed keeps its update: it lands on the
     # seed exactly, where the reset's arithmetic could round.
     new_updates = [
       u
       if keep is None
-      else jnp.where(keep | (proposal == s), u, s.astype(u.dtype) - p.astype(u.dtype))
+      else jnp.where(counted & (keep | (proposal == s)), u, s.astype(u.dtype) - p.astype(u.dtype))
       for u, p, s, proposal, keep in zip(
         leaves_u, leaves_p, leaves_s, proposals, selection.masks, strict=True
       )

@@ -516,6 +516,31 @@ def test_stats_track_entries_and_exits():
     )
 
 
+def test_donated_step_copies_no_parameter_sized_buffer():
+  """In a donated training step the seed and the params are updated in place."""
+  params = {"a": jnp.ones((96, 64)), "b": jnp.ones((64, 96))}
+  tx = optax.chain(optax.adam(1e-3), dst_optax.dynamic_subset_tuning(0.1))
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  grads = jax.tree.map(jnp.ones_like, params)
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  hlo = donated.lower(params, state, grads).compile().as_text()
+  # Copies inside a conditional's branch run only when it is taken (the seed
+  # capture at step 0); the entry computation runs every step.
+  entry = hlo[hlo.index("\nENTRY ") :]
+  entry = entry[: entry.index("\n}")]
+  copies = [line.strip() for line in entry.splitlines() if " copy(" in line]
+  assert not [c for c in copies if "[96,64]" in c or "[64,96]" in c], copies
+  # The state's buffers are all distinct, so a fresh state can be donated.
+  params, state = donated(params, state, grads)
+  params, state = donated(params, state, grads)
+  assert int(dst_optax.find_state(state).count) == 2
+
+
 def test_steady_training_finds_the_threshold_in_one_pass():
   """The state's threshold trend makes a creeping threshold a one-pass search."""
   params = {"w": jax.random.normal(jax.random.key(0), (128, 128))}
