@@ -10,39 +10,36 @@ Keys. Δ ≥ 0 is float32, so its IEEE bit pattern with the sign cleared is a
 non-negative int32 ("key") with the same order (NaN sorts above +inf).
 
 Radix search. Per silo we keep a key interval ``[lo, last]`` known to contain the
-k-th largest key. One *pass* reads every key once and scatter-adds it into a
-per-silo histogram of ``2^b + 2`` slots: "below ``lo``", ``2^b`` equal buckets of
-``[lo, last]`` and "above ``last``". Suffix sums of the histogram give
-``#{key ≥ bucket start}``, so the bucket holding the k-th largest key becomes the
-next interval, ``b`` bits narrower; when it is a single key we have the exact
-threshold ``t`` together with ``#{key ≥ t}`` and ``#{key > t}``. If the k-th key
-lies outside the interval the histogram says on which side, and the search goes
-on over the rest of the key range, so exactness never depends on the start.
+k-th largest key. One *pass* reads every key once and counts, per silo, the keys
+at or above each of ``2^b + 2`` slot starts: "below ``lo``" (all keys), ``2^b``
+equal buckets of ``[lo, last]`` and "above ``last``", by ``2^b + 1`` compares
+folded into one variadic reduction. The last bucket whose count reaches ``k``
+holds the k-th largest key and becomes the next interval, ``b`` bits narrower;
+when it is a single key we have the exact threshold ``t`` together with
+``#{key ≥ t}`` and ``#{key > t}``. If the k-th key lies outside the interval the
+counts say on which side, and the search goes on over the rest of the key range,
+so exactness never depends on the start.
 
-Passes over parameter-sized arrays are what costs (each is ~0.3-0.5 of an Adam
-update on CPU), not arithmetic. So:
+Passes over parameter-sized arrays are what costs, not arithmetic. So:
 
-* ``b`` grows with the silo size (up to 16 bits: a cold search of a silo of 1M
-  coordinates is 2 passes), keeping each silo's histogram at 1/16-1/32 of the
-  silo;
-* silos under 4096 coordinates (rows, columns, small tensors) could afford only
-  4-7-bit histograms; they are counted instead: 3-bit passes whose nine slot
-  counts ``#{key ≥ bucket start}`` come from one fused reduction of compares,
-  several times cheaper per key than a scatter on CPU;
+* ``b = 3``: one reduction of nine compares fuses with reading the keys and
+  costs ~0.4 ns a key on CPU (a pass of 16M keys ~0.25 of an Adam update), where
+  a scatter-add histogram pass costs ~2.7 ns a key however many bits it
+  resolves, and seventeen compares no longer vectorise (~2 ns);
 * a warm start extrapolates the threshold's last change (:class:`WarmStart`)
   and opens a window of ``±4-8×`` the last extrapolation error around it, in
   keys, rounded up to whole digits: in steady training the threshold creeps
-  smoothly and a silo of 1M coordinates takes one pass. Without a known error
-  the window spans ``±4-8×`` the last change, without either ``±2^21`` keys
-  (Δ within about ±25%, ``ceil(22 / b)`` passes);
+  smoothly and a search takes 1-4 passes. Without a known error the window
+  spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
+  ±25%, 8 passes); a cold search takes 11;
 * leaves whose silos are all resolved skip the pass (``lax.cond``);
 * ties straddling the budget (equal keys at the threshold) are broken by the same
   search over a second key, the reversed position in silo order, which costs
   ``ceil(log2 |S| / b)`` passes and runs only when some silo has such ties.
 
-Every pass is elementwise work plus a scatter-add into a small replicated
-histogram or a reduction, which an SPMD partitioner turns into local counts and
-an all-reduce (or a gather of the per-silo counts): keys are never gathered.
+Every pass is elementwise work plus a reduction, which an SPMD partitioner turns
+into local counts and an all-reduce of the per-silo counts: keys are never
+gathered.
 
 The keys are read from one materialised array by every pass, the tie-break and
 the masks: recomputed in another fused loop, Δ could round differently and the
@@ -67,19 +64,8 @@ from dst_optax._silos import LeafSilos, SiloLayout
 _MAX_KEY = 0x7FFFFFFF
 # Keys at or above this are +inf or NaN: no use as a warm start.
 _INFINITY_KEY = 0x7F800000
-# Digit bits per pass: bit length of the silo size minus the headroom, clipped.
-# The headroom keeps a silo's histogram (and the small work on it) at 1/16-1/32
-# of the silo, so a pass costs little more than reading the keys.
-_MIN_DIGIT_BITS = 4
-_MAX_DIGIT_BITS = 16
-_DIGIT_BITS_HEADROOM = 5
-# Silos smaller than 2^_COUNTED_SIZE_BITS (e.g. rows) are searched by counting
-# passes instead of histograms: one variadic reduction of 2^_COUNTED_DIGIT_BITS + 1
-# compares per key. On CPU that costs ~0.8 ns a key against ~3.3 ns for a scatter
-# pass (which materialises its slot indices and unit updates), while the narrow
-# histograms that small silos can afford resolve only 4-7 bits a pass.
-_COUNTED_SIZE_BITS = 12
-_COUNTED_DIGIT_BITS = 3
+# Bits resolved per pass: 2^_DIGIT_BITS + 1 compares per key in one reduction.
+_DIGIT_BITS = 3
 # Warm-start window without a known trend: ±2^(_WARM_WINDOW_BITS - 1) keys around
 # the last threshold, i.e. Δ may move by about ±25% between steps and stay inside.
 _WARM_WINDOW_BITS = 22
@@ -173,62 +159,20 @@ def count_per_silo(
   return totals
 
 
-class _BucketClass(NamedTuple):
-  """Silos sharing one digit width, whose bucket counts stack into one array.
+def _leaf_silo_bases(layout: SiloLayout, shapes: list[tuple[int, ...] | None]) -> list[int | None]:
+  """Per leaf, the silo-order position of its first coordinate within its silo.
 
-  Attributes:
-    digit_bits: ``b``; each silo has ``2^b + 2`` slots.
-    silo_ids: ``(n,)`` the silos of this class.
-    counted: buckets are counted by compares (small silos), not by a histogram.
+  Non-zero for the later leaves of a group; ``None`` for unconstrained leaves.
   """
-
-  digit_bits: int
-  silo_ids: np.ndarray
-  counted: bool
-
-
-class _Plan(NamedTuple):
-  """Static (trace-time) plan of the radix search for one layout.
-
-  Attributes:
-    digit_bits: ``(num_silos,)`` bits resolved per pass, per silo.
-    classes: the silos grouped by digit width.
-    class_of_silo: ``(num_silos,)`` index into ``classes``.
-    row_of_silo: ``(num_silos,)`` row of the silo in its class's histogram.
-    leaf_silo_base: per leaf, the silo-order position of its first coordinate
-      within its silo (non-zero for later leaves of a group), or ``None``.
-  """
-
-  digit_bits: np.ndarray
-  classes: tuple[_BucketClass, ...]
-  class_of_silo: np.ndarray
-  row_of_silo: np.ndarray
-  leaf_silo_base: tuple[int | None, ...]
-
-
-def _plan(layout: SiloLayout, shapes: list[tuple[int, ...] | None]) -> _Plan:
-  """Chooses digit widths and histogram rows for every silo."""
-  sizes = layout.silo_sizes.astype(np.int64)
-  bit_lengths = np.array([int(size).bit_length() for size in sizes], np.int64)
-  digit_bits = np.clip(bit_lengths - _DIGIT_BITS_HEADROOM, _MIN_DIGIT_BITS, _MAX_DIGIT_BITS)
-  digit_bits = np.where(bit_lengths <= _COUNTED_SIZE_BITS, _COUNTED_DIGIT_BITS, digit_bits)
-  classes = []
-  class_of_silo = np.zeros(layout.num_silos, np.int64)
-  row_of_silo = np.zeros(layout.num_silos, np.int64)
-  for index, bits in enumerate(np.unique(digit_bits)):
-    silo_ids = np.flatnonzero(digit_bits == bits)
-    classes.append(_BucketClass(int(bits), silo_ids, bool(bits == _COUNTED_DIGIT_BITS)))
-    class_of_silo[silo_ids] = index
-    row_of_silo[silo_ids] = np.arange(len(silo_ids))
   filled = np.zeros(layout.num_silos, np.int64)
-  leaf_silo_base: list[int | None] = []
+  bases: list[int | None] = []
   for leaf, shape in zip(layout.leaves, shapes, strict=True):
     if leaf is None or leaf.axis is not None:
-      leaf_silo_base.append(None if leaf is None else 0)
+      bases.append(None if leaf is None else 0)
       continue
-    leaf_silo_base.append(int(filled[leaf.offset]))
+    bases.append(int(filled[leaf.offset]))
     filled[leaf.offset] += math.prod(shape)
-  return _Plan(digit_bits, tuple(classes), class_of_silo, row_of_silo, tuple(leaf_silo_base))
+  return bases
 
 
 def _bit_length(values: jax.Array) -> jax.Array:
@@ -236,47 +180,15 @@ def _bit_length(values: jax.Array) -> jax.Array:
   return 32 - lax.clz(values)
 
 
-def _leaf_histogram(
-  leaf_keys: jax.Array,
-  leaf: LeafSilos,
-  bits: int,
-  lo: jax.Array,
-  last: jax.Array,
-  shift: jax.Array,
+def _leaf_slot_counts(
+  leaf_keys: jax.Array, leaf: LeafSilos, lo: jax.Array, last: jax.Array, shift: jax.Array
 ) -> jax.Array:
-  """Scatter-adds one leaf's keys into ``(leaf.num_silos, 2^bits + 2)`` slots.
+  """Counts one leaf's keys in slot ``≥ j`` for its silos' ``2^b + 2`` slots.
 
-  Slot 0 counts keys below ``lo``, slot ``1 + ((key - lo) >> shift)`` keys in
-  ``[lo, last]`` and slot ``2^bits + 1`` keys above ``last``.
-  """
-  num_slots = (1 << bits) + 2
-  per_leaf = lambda values: silo_values_for_leaf(values, leaf, leaf_keys.ndim)
-  leaf_lo, leaf_last = per_leaf(lo), per_leaf(last)
-  in_range = 1 + lax.shift_right_logical(leaf_keys - leaf_lo, per_leaf(shift))
-  above_or_in_range = jnp.where(leaf_keys > leaf_last, num_slots - 1, in_range)
-  slot = jnp.where(leaf_keys < leaf_lo, 0, above_or_in_range)
-  if leaf.axis is not None:
-    silo_index = lax.broadcasted_iota(jnp.int32, leaf_keys.shape, leaf.axis)
-    slot = silo_index * num_slots + slot
-  histogram = jnp.zeros(leaf.num_silos * num_slots, jnp.int32)
-  # Indexing with the leaf-shaped slots (no flattening reshape) keeps the scatter
-  # local to each shard; the partitioner all-reduces the small histogram.
-  histogram = histogram.at[slot].add(1)
-  return histogram.reshape(leaf.num_silos, num_slots)
-
-
-def _leaf_suffix_counts(
-  leaf_keys: jax.Array,
-  leaf: LeafSilos,
-  bits: int,
-  lo: jax.Array,
-  last: jax.Array,
-  shift: jax.Array,
-) -> jax.Array:
-  """Counts one leaf's keys at or above every slot of ``(leaf.num_silos, 2^bits + 2)``.
-
-  Column ``j`` is ``#{key in slot ≥ j}`` for the slots of :func:`_leaf_histogram`
-  (the suffix sums of its histogram), counted by compares in one reduction.
+  Slot 0 holds keys below ``lo``, slot ``1 + ((key − lo) >> shift)`` keys in
+  ``[lo, last]`` and slot ``2^b + 1`` keys above ``last``; column ``j`` of the
+  ``(leaf.num_silos, 2^b + 2)`` result is ``#{key in slot ≥ j}``, counted by
+  compares in one reduction.
   """
   # Keys in slot ≥ 1 + j are those > lo − 1 + j·2^shift; buckets that start past
   # ``last`` hold nothing, so they count the keys above ``last``. Comparing with
@@ -284,7 +196,7 @@ def _leaf_suffix_counts(
   # Sliced to this leaf's silos first, so the per-silo work scales with the leaf.
   per_leaf = lambda values: silo_values_for_leaf(values, leaf, leaf_keys.ndim)
   leaf_lo, leaf_last, leaf_shift = per_leaf(lo), per_leaf(last), per_leaf(shift)
-  offsets = [lax.shift_left(jnp.int32(j), leaf_shift) for j in range(1 << bits)]
+  offsets = [lax.shift_left(jnp.int32(j), leaf_shift) for j in range(1 << _DIGIT_BITS)]
   width = leaf_last - leaf_lo
   thresholds = [jnp.where(o <= width, leaf_lo - 1 + o, leaf_last) for o in offsets]
   thresholds.append(leaf_last)
@@ -308,17 +220,14 @@ class _Search(NamedTuple):
   count_above: jax.Array
 
 
-def _narrow(
-  search: _Search, at_least: jax.Array, budgets: jax.Array, bits: int, shift: jax.Array
-) -> _Search:
+def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax.Array) -> _Search:
   """Moves each silo's interval to the slot holding its k-th key.
 
   Args:
-    search: the class's silos' search state before the pass.
-    at_least: ``(n, 2^bits + 2)`` counts of keys in slot ≥ j, per slot j.
-    budgets: ``(n,)`` k per silo (≥ 1 for unresolved silos).
-    bits: digit bits of the class.
-    shift: ``(n,)`` log2 of the bucket width used by the pass.
+    search: the silos' search state before the pass.
+    at_least: ``(num_silos, 2^b + 2)`` counts of keys in slot ≥ j, per slot j.
+    budgets: ``(num_silos,)`` k per silo (≥ 1 for unresolved silos).
+    shift: ``(num_silos,)`` log2 of the bucket width used by the pass.
 
   Returns:
     The narrowed state; with ``c_j = #{key in slot ≥ j}``, the k-th key lies in the
@@ -331,7 +240,7 @@ def _narrow(
   bucket_lo = search.lo + lax.shift_left(slot - 1, shift)
   # Written so that no intermediate overflows int32 near the top of the key range.
   bucket_last = bucket_lo + jnp.minimum(lax.shift_left(1, shift) - 1, search.last - bucket_lo)
-  below, above = slot == 0, slot == (1 << bits) + 1
+  below, above = slot == 0, slot == (1 << _DIGIT_BITS) + 1
   lo = jnp.where(below, 0, jnp.where(above, search.last + 1, bucket_lo))
   last = jnp.where(below, search.lo - 1, jnp.where(above, _MAX_KEY, bucket_last))
   active = search.lo < search.last
@@ -351,7 +260,6 @@ def _constant(value: jax.Array | None) -> Callable[[], jax.Array] | None:
 def _kth_largest(
   keys: list[Callable[[], jax.Array] | None],
   layout: SiloLayout,
-  plan: _Plan,
   budgets: jax.Array,
   start: _Search,
 ) -> tuple[_Search, jax.Array]:
@@ -361,7 +269,6 @@ def _kth_largest(
     keys: per leaf a function giving its int32 keys in ``[0, 2^31)`` (evaluated
       inside each pass, so derived keys are never materialised), or ``None``.
     layout: the silo layout.
-    plan: the static plan of ``layout``.
     budgets: ``(num_silos,)`` k per silo.
     start: initial intervals; silos with ``lo == last`` are taken as resolved.
 
@@ -369,54 +276,41 @@ def _kth_largest(
     The resolved search (``lo`` is the k-th largest key of each unresolved silo)
     and the number of passes it took.
   """
-  digit_bits = jnp.asarray(plan.digit_bits, jnp.int32)
+  num_slots = (1 << _DIGIT_BITS) + 2
 
   def one_pass(search: _Search) -> _Search:
     active = search.lo < search.last
-    shift = jnp.maximum(_bit_length(search.last - search.lo) - digit_bits, 0)
-    slot_counts = [
-      jnp.zeros((len(c.silo_ids), (1 << c.digit_bits) + 2), jnp.int32) for c in plan.classes
-    ]
+    shift = jnp.maximum(_bit_length(search.last - search.lo) - _DIGIT_BITS, 0)
+    slot_counts = jnp.zeros((layout.num_silos, num_slots), jnp.int32)
     for leaf_keys, leaf in zip(keys, layout.leaves, strict=True):
       if leaf is None:
         continue
       silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
-      class_index = int(plan.class_of_silo[leaf.offset])
-      bucket_class = plan.classes[class_index]
-      row = int(plan.row_of_silo[leaf.offset])
 
-      def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf, bucket_class=bucket_class) -> jax.Array:
-        count_leaf = _leaf_suffix_counts if bucket_class.counted else _leaf_histogram
-        bits = bucket_class.digit_bits
-        return count_leaf(leaf_keys(), leaf, bits, search.lo, search.last, shift)
+      def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf) -> jax.Array:
+        return _leaf_slot_counts(leaf_keys(), leaf, search.lo, search.last, shift)
 
       # Leaves whose silos are all resolved skip the pass over their keys.
       leaf_counts = lax.cond(
         jnp.any(active[silos]),
         counts_of_leaf,
-        lambda n=leaf.num_silos, b=bucket_class.digit_bits: jnp.zeros((n, (1 << b) + 2), jnp.int32),
+        lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32),
       )
-      slot_counts[class_index] = (
-        slot_counts[class_index].at[row : row + leaf.num_silos].add(leaf_counts)
-      )
-    narrowed = search
-    for bucket_class, counts in zip(plan.classes, slot_counts, strict=True):
-      if not bucket_class.counted:
-        # Suffix sums as total − prefix: XLA:CPU's simplifier crashes on a reversed scan.
-        prefix = jnp.cumsum(counts, axis=1)
-        counts = prefix[:, -1:] - prefix + counts
-      ids = bucket_class.silo_ids
-      class_search = _narrow(
-        _Search(*(field[ids] for field in search)),
-        counts,
-        budgets[ids],
-        bucket_class.digit_bits,
-        shift[ids],
-      )
-      narrowed = _Search(
-        *(whole.at[ids].set(part) for whole, part in zip(narrowed, class_search, strict=True))
-      )
-    return narrowed
+      slot_counts = slot_counts.at[silos].add(leaf_counts)
+    # Narrowed on copies gathered by explicit indices, which the SPMD partitioner
+    # replicates. Left in place, the per-silo state took the sharding of a leaf's
+    # row counts (uneven shards) and the partitioner miscomputed the narrowing
+    # (tests/test_selection.py::test_sharded_equals_unsharded_without_gathering).
+    silo_ids = np.arange(layout.num_silos)
+    narrowed = _narrow(
+      _Search(*(field[silo_ids] for field in search)),
+      slot_counts[silo_ids],
+      budgets[silo_ids],
+      shift[silo_ids],
+    )
+    return _Search(
+      *(whole.at[silo_ids].set(part) for whole, part in zip(search, narrowed, strict=True))
+    )
 
   return lax.while_loop(
     lambda carry: jnp.any(carry[0].lo < carry[0].last),
@@ -437,7 +331,7 @@ def _resolved(budgets: jax.Array, start_lo: jax.Array, start_last: jax.Array) ->
   )
 
 
-def _warm_start(plan: _Plan, budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
+def _warm_start(budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
   """The first interval: a window around the extrapolated threshold, else all keys.
 
   The window is centred on the key of ``c = t + m`` (``m`` the last change, 0 if
@@ -461,8 +355,7 @@ def _warm_start(plan: _Plan, budgets: jax.Array, warm_start: WarmStart | None) -
   wanted_bits = jnp.where(
     jnp.isfinite(spread), _bit_length(spread_keys) + _WARM_MARGIN_BITS, _WARM_WINDOW_BITS
   )
-  digit_bits = jnp.asarray(plan.digit_bits, jnp.int32)
-  window_bits = digit_bits * -(-wanted_bits // digit_bits)
+  window_bits = _DIGIT_BITS * -(-wanted_bits // _DIGIT_BITS)
   usable = (
     (last_key > 0) & (last_key < _INFINITY_KEY) & (centre < _INFINITY_KEY) & (window_bits < 31)
   )
@@ -499,10 +392,10 @@ def select_top_k(
   """Selects, per silo, the ``budgets`` coordinates with the largest keys.
 
   Exact for any start: ``warm_start`` only decides how many passes the search
-  needs: one when the extrapolation error is about as small as last time and
-  its window fits in one digit (16 bits for silos of 1M coordinates); 2-3
-  when only the last threshold is known and Δ's k-th largest moved by less
-  than ~25%; a miss costs one pass more than a cold start.
+  needs: ``ceil(w / 3)`` for a window of ``2^w`` keys that holds the new
+  threshold (1-4 when the threshold creeps as it did last time; 8 when only the
+  last threshold is known and Δ's k-th largest moved by less than ~25%), up to
+  11 more when it misses; 11 from a cold start.
 
   Args:
     keys: per leaf the :func:`distance_keys` of Δ, or ``None`` if unconstrained.
@@ -516,10 +409,10 @@ def select_top_k(
     ties at the threshold to the lowest positions in silo order.
   """
   shapes = [None if k is None else k.shape for k in keys]
-  plan = _plan(layout, shapes)
+  silo_bases = _leaf_silo_bases(layout, shapes)
   budgets = jnp.asarray(budgets, jnp.int32)
-  start = _warm_start(plan, budgets, warm_start)
-  found, num_passes = _kth_largest([_constant(k) for k in keys], layout, plan, budgets, start)
+  start = _warm_start(budgets, warm_start)
+  found, num_passes = _kth_largest([_constant(k) for k in keys], layout, budgets, start)
   threshold = found.lo
   positive = (threshold > 0) & (budgets > 0)
   # Ties at a positive threshold that straddle the budget are broken by position;
@@ -537,17 +430,17 @@ def select_top_k(
     """Per silo the smallest reversed position of a selected tie."""
     tie_keys = [
       None if leaf is None else functools.partial(tied_positions, leaf_keys, leaf, base)
-      for leaf_keys, leaf, base in zip(keys, layout.leaves, plan.leaf_silo_base, strict=True)
+      for leaf_keys, leaf, base in zip(keys, layout.leaves, silo_bases, strict=True)
     ]
     needed = jnp.where(straddling, ties_needed, 0)
     lowest = jnp.asarray(_MAX_KEY - layout.silo_sizes, jnp.int32)
     start = _resolved(needed, lowest, jnp.full_like(needed, _MAX_KEY - 1))
-    found_ties, _ = _kth_largest(tie_keys, layout, plan, needed, start)
+    found_ties, _ = _kth_largest(tie_keys, layout, needed, start)
     return jnp.where(straddling, found_ties.lo, 0)
 
   def masks_for(cutoff: jax.Array, keys: list[jax.Array | None]) -> list[jax.Array | None]:
     masks = []
-    for leaf_keys, leaf, base in zip(keys, layout.leaves, plan.leaf_silo_base, strict=True):
+    for leaf_keys, leaf, base in zip(keys, layout.leaves, silo_bases, strict=True):
       if leaf is None:
         masks.append(None)
         continue

@@ -563,9 +563,10 @@ def test_steady_training_finds_the_threshold_in_one_pass():
   # so the threshold grows linearly and the extrapolation error is rounding.
   np.testing.assert_allclose(dst_state.threshold_change, thresholds[-1] - thresholds[-2])
   np.testing.assert_allclose(dst_state.threshold_error, 0.0, atol=1e-6 * float(thresholds[-1][0]))
-  # 2^14 coordinates, 10-bit passes: cold (4), last threshold only (±25%: 3),
-  # then one pass once the change and its error are known.
-  assert passes[:2] == [4, 3]
+  # 3-bit passes: cold (11); with the last threshold only, a window of ±2^23 keys
+  # that the doubled threshold just misses (1 + 11); one pass once the change
+  # and its error are known.
+  assert passes[:2] == [11, 12]
   assert passes[3:] == [1, 1, 1]
 
 
@@ -580,7 +581,6 @@ def test_budget_holds_when_compiled_with_the_base_optimizer(spec_kind, base):
   # ties straddle the budget, and a compiler may round Θ(t) + u differently where
   # it fuses it again (e.g. an FMA in one place only). The selected set must be the
   # one the search counted: every emitted non-zero update is a selected coordinate.
-  # Per-tensor silos of the first leaf take histogram passes, rows counting passes.
   shapes = ((64, 96), (16, 24), (40,))
   keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
   params = as_tree([jax.random.normal(k, s) / 6 for k, s in zip(keys, shapes, strict=True)])
