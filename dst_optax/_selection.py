@@ -17,8 +17,9 @@ folded into one variadic reduction. The last bucket whose count reaches ``k``
 holds the k-th largest key and becomes the next interval, ``b`` bits narrower;
 when it is a single key we have the exact threshold ``t`` together with
 ``#{key ≥ t}`` and ``#{key > t}``. If the k-th key lies outside the interval the
-counts say on which side, and the search goes on over the rest of the key range,
-so exactness never depends on the start.
+counts say on which side, and the search goes on next to it over a range 2^6
+times as wide (up to the ends of the key range), so exactness never depends on
+the start.
 
 Passes over parameter-sized arrays are what costs, not arithmetic. So:
 
@@ -31,7 +32,8 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   keys, rounded up to whole digits: in steady training the threshold creeps
   smoothly and a search takes 1-4 passes. Without a known error the window
   spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
-  ±25%, 8 passes); a cold search takes 11;
+  ±25%, 8 passes); a cold search takes 11, a miss ``1 + ceil((w + 6) / 3)``
+  more if the threshold lies within 2^6 window widths;
 * leaves whose silos are all resolved skip the pass (``lax.cond``);
 * ties straddling the budget (equal keys at the threshold) are broken by the same
   search over a second key, the reversed position in silo order, which costs
@@ -66,12 +68,14 @@ _MAX_KEY = 0x7FFFFFFF
 _INFINITY_KEY = 0x7F800000
 # Bits resolved per pass: 2^_DIGIT_BITS + 1 compares per key in one reduction.
 _DIGIT_BITS = 3
+# A search whose interval missed the k-th key goes on next to it, 2^6 times wider.
+_MISS_GROWTH_BITS = 6
 # Warm-start window without a known trend: ±2^(_WARM_WINDOW_BITS - 1) keys around
 # the last threshold, i.e. Δ may move by about ±25% between steps and stay inside.
 _WARM_WINDOW_BITS = 22
 # With a known spread s (in keys) the window spans 2^(bit_length(s) + margin)
 # keys, ±4-8 s: a Gaussian error of the last one's scale misses ~1 step in 10,
-# and a miss costs one pass more than a cold start.
+# and a near miss costs about three passes.
 _WARM_MARGIN_BITS = 3
 
 
@@ -240,9 +244,20 @@ def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax
   bucket_lo = search.lo + lax.shift_left(slot - 1, shift)
   # Written so that no intermediate overflows int32 near the top of the key range.
   bucket_last = bucket_lo + jnp.minimum(lax.shift_left(1, shift) - 1, search.last - bucket_lo)
+  # A miss continues next to the interval, _MISS_GROWTH_BITS wider, not over the
+  # rest of the key range: a warm window that just missed costs a few passes.
+  reach = lax.shift_left(
+    1, jnp.minimum(_bit_length(search.last - search.lo) + _MISS_GROWTH_BITS, 30)
+  )
   below, above = slot == 0, slot == (1 << _DIGIT_BITS) + 1
-  lo = jnp.where(below, 0, jnp.where(above, search.last + 1, bucket_lo))
-  last = jnp.where(below, search.lo - 1, jnp.where(above, _MAX_KEY, bucket_last))
+  lo = jnp.where(
+    below, jnp.maximum(search.lo - reach, 0), jnp.where(above, search.last + 1, bucket_lo)
+  )
+  last = jnp.where(
+    below,
+    search.lo - 1,
+    jnp.where(above, search.last + jnp.minimum(reach, _MAX_KEY - search.last), bucket_last),
+  )
   active = search.lo < search.last
   keep_old = lambda new, old: jnp.where(active, new, old)
   return _Search(
@@ -394,8 +409,8 @@ def select_top_k(
   Exact for any start: ``warm_start`` only decides how many passes the search
   needs: ``ceil(w / 3)`` for a window of ``2^w`` keys that holds the new
   threshold (1-4 when the threshold creeps as it did last time; 8 when only the
-  last threshold is known and Δ's k-th largest moved by less than ~25%), up to
-  11 more when it misses; 11 from a cold start.
+  last threshold is known and Δ's k-th largest moved by less than ~25%), a few
+  more when it misses; 11 from a cold start.
 
   Args:
     keys: per leaf the :func:`distance_keys` of Δ, or ``None`` if unconstrained.
@@ -438,7 +453,11 @@ def select_top_k(
     found_ties, _ = _kth_largest(tie_keys, layout, needed, start)
     return jnp.where(straddling, found_ties.lo, 0)
 
-  def masks_for(cutoff: jax.Array, keys: list[jax.Array | None]) -> list[jax.Array | None]:
+  def masks_for(cutoff: jax.Array | None, keys: list[jax.Array | None]) -> list[jax.Array | None]:
+    """Keys above the threshold, and ties at a positive one from ``cutoff`` on.
+
+    Without a cutoff every tie is taken.
+    """
     masks = []
     for leaf_keys, leaf, base in zip(keys, layout.leaves, silo_bases, strict=True):
       if leaf is None:
@@ -446,8 +465,9 @@ def select_top_k(
         continue
       per_leaf = functools.partial(silo_values_for_leaf, leaf=leaf, ndim=leaf_keys.ndim)
       leaf_threshold = per_leaf(threshold)
-      in_cutoff = _reversed_positions(leaf_keys.shape, leaf, base) >= per_leaf(cutoff)
-      take_tie = (leaf_keys == leaf_threshold) & per_leaf(positive) & in_cutoff
+      take_tie = (leaf_keys == leaf_threshold) & per_leaf(positive)
+      if cutoff is not None:
+        take_tie &= _reversed_positions(leaf_keys.shape, leaf, base) >= per_leaf(cutoff)
       masks.append((leaf_keys > leaf_threshold) | take_tie)
     return masks
 
@@ -455,11 +475,11 @@ def select_top_k(
   # a compiler that recomputed the keys for the masks outside (fusing their
   # producer again) could round them differently (e.g. contracting p + a·b into
   # an FMA in one place only) and select a different set than the search counted.
-  # Silos without straddling ties take every tie: every reversed position is ≥ 0.
+  # Without straddling ties the positions are not needed.
   masks = lax.cond(
     jnp.any(straddling),
     lambda keys: masks_for(position_cutoff(keys), keys),
-    lambda keys: masks_for(jnp.zeros_like(threshold), keys),
+    lambda keys: masks_for(None, keys),
     keys,
   )
   threshold_value = lax.bitcast_convert_type(threshold, jnp.float32)

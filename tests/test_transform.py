@@ -564,9 +564,9 @@ def test_steady_training_finds_the_threshold_in_one_pass():
   np.testing.assert_allclose(dst_state.threshold_change, thresholds[-1] - thresholds[-2])
   np.testing.assert_allclose(dst_state.threshold_error, 0.0, atol=1e-6 * float(thresholds[-1][0]))
   # 3-bit passes: cold (11); with the last threshold only, a window of ±2^23 keys
-  # that the doubled threshold just misses (1 + 11); one pass once the change
-  # and its error are known.
-  assert passes[:2] == [11, 12]
+  # that the doubled threshold just misses, then 2^30 keys above it (1 + 10); one
+  # pass once the change and its error are known.
+  assert passes[:2] == [11, 11]
   assert passes[3:] == [1, 1, 1]
 
 
