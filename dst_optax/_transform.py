@@ -286,11 +286,15 @@ def dynamic_subset_tuning(
     counted = jnp.min(num_entered, initial=0) >= 0
 
     # A proposal that already equals the seed keeps its update: it lands on the
-    # seed exactly, where the reset's arithmetic could round.
+    # seed exactly, where the reset's arithmetic could round. The reset is written
+    # −(Θ − Θ0), the same bits as Θ0 − Θ, so that XLA does not share it with the
+    # counts' |Θ0 − Θ| and materialise it.
     new_updates = [
       u
       if keep is None
-      else jnp.where(counted & (keep | (proposal == s)), u, s.astype(u.dtype) - p.astype(u.dtype))
+      else jnp.where(
+        counted & (keep | (proposal == s)), u, -(p.astype(u.dtype) - s.astype(u.dtype))
+      )
       for u, p, s, proposal, keep in zip(
         leaves_u, leaves_p, leaves_s, proposals, selection.masks, strict=True
       )
