@@ -24,7 +24,7 @@ the start.
 Passes over parameter-sized arrays are what costs, not arithmetic. So:
 
 * ``b = 3``: one reduction of nine compares fuses with reading the keys and
-  costs ~0.4 ns a key on CPU (a pass of 16M keys ~0.25 of an Adam update), where
+  costs ~0.4 ns a key on CPU (a pass of 16M keys ~0.3 of an Adam update), where
   a scatter-add histogram pass costs ~2.7 ns a key however many bits it
   resolves, and seventeen compares no longer vectorise (~2 ns);
 * a warm start extrapolates the threshold's last change (:class:`WarmStart`)
