@@ -38,7 +38,8 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     A dict of scalars: ``changed`` (coordinates off the seed), ``budget`` (their
     maximum), ``entered`` / ``exited`` (subset churn since the previous step),
     ``churn`` ((entered + exited) / max(changed, 1)), ``frozen_silos`` (silos with a
-    zero budget) and ``step``.
+    zero budget), ``search_passes`` (passes over Δ the last threshold search took:
+    the selection's cost, 1-4 in steady training, 11 from a cold start) and ``step``.
   """
   state = find_state(opt_state)
   total = lambda per_silo: jnp.sum(per_silo, dtype=jnp.int32)
@@ -53,4 +54,5 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     "exited": exited,
     "churn": (entered + exited) / jnp.maximum(changed, 1),
     "frozen_silos": total(state.budget == 0),
+    "search_passes": jnp.asarray(state.num_passes, jnp.int32),
   }

@@ -14,8 +14,8 @@ class DstMetricsComputer:
   """A T5X ``weight_metrics_computer`` that logs the DST subset every step.
 
   Bind it in gin as ``trainer.Trainer.weight_metrics_computer``; T5X then writes
-  ``dst/changed``, ``dst/budget``, ``dst/entered``, ``dst/exited``, ``dst/churn``
-  and ``dst/frozen_silos`` (totals over silos, see :func:`dst_optax.subset_stats`)
+  ``dst/changed``, ``dst/budget``, ``dst/entered``, ``dst/exited``, ``dst/churn``,
+  ``dst/frozen_silos`` and ``dst/search_passes`` (see :func:`dst_optax.subset_stats`)
   to TensorBoard, averaged over each summary period.
 
   Attributes:
