@@ -29,8 +29,9 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   resolves, and seventeen compares no longer vectorise (~2 ns);
 * a warm start extrapolates the threshold's last change (:class:`WarmStart`)
   and opens a window of ``±4-8×`` the last extrapolation error around it, in
-  keys, rounded up to whole digits: in steady training the threshold creeps
-  smoothly and a search takes 1-4 passes. Without a known error the window
+  keys, rounded up to whole digits: when the threshold creeps smoothly a search
+  takes a few passes (one for an exactly linear trend; 5-7 for the 1M-coordinate
+  silos of benchmarks/selection.py in steady state). Without a known error the window
   spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
   ±25%, 8 passes); a cold search takes 11, a miss ``1 + ceil((w + 6) / 3)``
   more if the threshold lies within 2^6 window widths;
@@ -408,7 +409,7 @@ def select_top_k(
 
   Exact for any start: ``warm_start`` only decides how many passes the search
   needs: ``ceil(w / 3)`` for a window of ``2^w`` keys that holds the new
-  threshold (1-4 when the threshold creeps as it did last time; 8 when only the
+  threshold (a few when the threshold creeps as it did last time; 8 when only the
   last threshold is known and Δ's k-th largest moved by less than ~25%), a few
   more when it misses; 11 from a cold start.
 
