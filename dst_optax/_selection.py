@@ -318,14 +318,11 @@ def _kth_largest(
     # row counts (uneven shards) and the partitioner miscomputed the narrowing
     # (tests/test_selection.py::test_sharded_equals_unsharded_without_gathering).
     silo_ids = np.arange(layout.num_silos)
-    narrowed = _narrow(
+    return _narrow(
       _Search(*(field[silo_ids] for field in search)),
       slot_counts[silo_ids],
       budgets[silo_ids],
       shift[silo_ids],
-    )
-    return _Search(
-      *(whole.at[silo_ids].set(part) for whole, part in zip(search, narrowed, strict=True))
     )
 
   return lax.while_loop(

@@ -38,9 +38,9 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     A dict of scalars: ``changed`` (coordinates off the seed), ``budget`` (their
     maximum), ``entered`` / ``exited`` (subset churn since the previous step),
     ``churn`` ((entered + exited) / max(changed, 1)), ``frozen_silos`` (silos with a
-    zero budget), ``search_passes`` (passes over Δ the last threshold search took:
-    the selection's cost: a few when the threshold moves predictably, 11 from a
-    cold start; the slowest silo sets it) and ``step``.
+    zero budget), ``search_passes`` (passes over Δ the last threshold search took,
+    i.e. the selection's cost; a few when the threshold moves predictably, 11 from
+    a cold start; the slowest silo sets it) and ``step``.
   """
   state = find_state(opt_state)
   total = lambda per_silo: jnp.sum(per_silo, dtype=jnp.int32)

@@ -287,8 +287,9 @@ def dynamic_subset_tuning(
 
     # A proposal that already equals the seed keeps its update: it lands on the
     # seed exactly, where the reset's arithmetic could round. The reset is written
-    # −(Θ − Θ0), the same bits as Θ0 − Θ, so that XLA does not share it with the
-    # counts' |Θ0 − Θ| and materialise it.
+    # −(Θ − Θ0), equal to Θ0 − Θ (a zero difference becomes −0, which adds to Θ
+    # exactly), so that XLA does not share it with the counts' |Θ0 − Θ| and
+    # materialise it.
     new_updates = [
       u
       if keep is None
