@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import platform
 import resource
@@ -200,15 +201,24 @@ class SteadyStateSteps:
     }
 
 
-def interleaved_medians(steps: list[Callable[[], Any]], repeats: int) -> list[float]:
-  """Median seconds of each step, timed in alternation so that load drifts cancel."""
+def interleaved_medians(
+  steps: list[Callable[[], Any]], repeats: int
+) -> tuple[list[float], list[float]]:
+  """Median seconds of each step, timed in alternation so that load drifts cancel.
+
+  Also returns each step's mean number of minor page faults: memory the step
+  touches for the first time (fresh temporary buffers) costs a fault per page.
+  """
   times: list[list[float]] = [[] for _ in steps]
+  faults = [0] * len(steps)
   for _ in range(repeats):
-    for step, step_times in zip(steps, times, strict=True):
+    for index, step in enumerate(steps):
+      faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       jax.block_until_ready(step())
-      step_times.append(time.perf_counter() - start)
-  return [statistics.median(step_times) for step_times in times]
+      times[index].append(time.perf_counter() - start)
+      faults[index] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+  return [statistics.median(t) for t in times], [f / repeats for f in faults]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,10 +246,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         method_steps, infos = zip(
           *(steps.step(method, fraction, silo_kind) for method in methods), strict=True
         )
-        adam_seconds, *seconds = interleaved_medians([adam_step, *method_steps], args.repeats)
+        medians, faults = interleaved_medians([adam_step, *method_steps], args.repeats)
+        adam_seconds, *seconds = medians
         row["adam_seconds"] = adam_seconds
-        for method, method_seconds, info in zip(methods, seconds, infos, strict=True):
+        row["adam_page_faults"] = faults[0]
+        for method, method_seconds, method_faults, info in zip(
+          methods, seconds, faults[1:], infos, strict=True
+        ):
           row[f"{method}_seconds"] = method_seconds
+          row[f"{method}_page_faults"] = method_faults
           row[f"{method}_ratio"] = method_seconds / adam_seconds
           row[f"{method}_temp_bytes"] = info["temp_bytes"]
           row[f"{method}_compile_seconds"] = info["compile_seconds"]
@@ -255,6 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return {
     "machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
     f"{jax.device_count()} device(s), jax {jax.__version__}",
+    # glibc's settings decide whether temporaries are page-faulted in every step.
+    "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "repeats": args.repeats,
     "results": results,
@@ -270,6 +287,7 @@ def _format_row(row: dict[str, Any]) -> str:
   return (
     f"{row['size']:>5} {row['silos']:>10} eps={row['fraction']:<7g} "
     f"adam {row['adam_seconds'] * 1e3:8.1f} ms  {ratios}  passes {row.get('ours_passes', '-')}"
+    f"  page faults/step {row.get('ours_page_faults', float('nan')):.0f}"
     + ("" if math.isnan(compiled) else f"  (ours compiled in {compiled:.1f} s)")
   )
 

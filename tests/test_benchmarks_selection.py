@@ -1,0 +1,37 @@
+"""The selection speed benchmark runs end to end and reports what its README quotes."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "selection.py"
+_SPEC = importlib.util.spec_from_file_location("selection_benchmark", _PATH)
+selection_benchmark = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(selection_benchmark)
+
+
+@pytest.mark.slow
+def test_small_run_writes_every_reported_quantity(tmp_path, monkeypatch):
+  out = tmp_path / "selection"
+  sizes_and_silos = ["--sizes", "1M", "--silos", "per_tensor", "rows"]
+  flags = [*sizes_and_silos, "--fractions", "1e-2", "--repeats", "1", "--out", str(out)]
+  monkeypatch.setattr(sys, "argv", ["selection.py", *flags])
+  selection_benchmark.main()
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert out.with_suffix(".png").stat().st_size > 0
+  assert [(row["size"], row["silos"]) for row in report["results"]] == [
+    ("1M", "per_tensor"),
+    ("1M", "rows"),
+  ]
+  for row in report["results"]:
+    for method in selection_benchmark.METHODS:
+      assert math.isfinite(row[f"{method}_ratio"]) and row[f"{method}_ratio"] > 0
+      assert row[f"{method}_page_faults"] >= 0
+    # A warm search in steady state takes at least one pass and at most a cold
+    # search plus a miss; the state adds at most per-silo vectors to the params.
+    assert 1 <= row["ours_passes"] <= 20
+    assert 0 < row["dst_state_bytes_per_param_byte"] < 1.1
