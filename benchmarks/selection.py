@@ -271,7 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     "machine": f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
     f"{jax.device_count()} device(s), jax {jax.__version__}",
     # glibc's settings decide whether temporaries are page-faulted in every step.
-    "malloc_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    "malloc_environment": {
+      k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+    },
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "repeats": args.repeats,
     "results": results,
