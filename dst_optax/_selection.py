@@ -16,10 +16,14 @@ equal buckets of ``[lo, last]`` and "above ``last``", by ``2^b + 1`` compares
 folded into one variadic reduction. The last bucket whose count reaches ``k``
 holds the k-th largest key and becomes the next interval, ``b`` bits narrower;
 when it is a single key we have the exact threshold ``t`` together with
-``#{key ≥ t}`` and ``#{key > t}``. If the k-th key lies outside the interval the
-counts say on which side, and the search goes on next to it over a range 2^6
-times as wide (up to the ends of the key range), so exactness never depends on
-the start.
+``#{key ≥ t}`` and ``#{key > t}``. A search also ends as soon as some slot start
+``c`` has exactly ``k`` keys at or above it: ``{key ≥ c}`` is then the selection,
+whatever the k-th key's value, and ``c`` is the threshold. So only ties that
+straddle the budget need the k-th key pinned; otherwise the search stops once a
+slot starts in the gap below it (wide in a sparse tail, or among the positions of
+a few tied coordinates). If the k-th key lies outside the interval the counts say
+on which side, and the search goes on next to it over a range 2^6 times as wide
+(up to the ends of the key range), so exactness never depends on the start.
 
 Passes over parameter-sized arrays are what costs, not arithmetic. So:
 
@@ -37,8 +41,10 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   more if the threshold lies within 2^6 window widths;
 * leaves whose silos are all resolved skip the pass (``lax.cond``);
 * ties straddling the budget (equal keys at the threshold) are broken by the same
-  search over a second key, the reversed position in silo order, which costs
-  ``ceil(log2 |S| / b)`` passes and runs only when some silo has such ties.
+  search over a second key, the reversed position in silo order, which runs only
+  when some silo has such ties and costs at most ``ceil(log2 |S| / b)`` passes,
+  fewer the fewer coordinates are tied (positions are distinct, so it ends once a
+  slot starts between the last tie to take and the next one).
 
 Every pass is elementwise work plus a reduction, which an SPMD partitioner turns
 into local counts and an all-reduce of the per-silo counts: keys are never
@@ -101,8 +107,10 @@ class Selection(NamedTuple):
   Attributes:
     masks: per leaf, a bool array of the selected coordinates, or ``None`` for
       unconstrained leaves.
-    threshold: ``(num_silos,)`` float32, the k-th largest Δ of each silo (0 when
-      fewer than ``k`` coordinates have Δ > 0, NaN when ``k = 0``).
+    threshold: ``(num_silos,)`` float32 ``t`` with ``Δ_(k+1) < t ≤ Δ_(k)`` for
+      the sorted Δ of each silo: the selection is ``Δ > t`` and the first ties
+      at ``t`` in silo order, and ``t = Δ_(k)`` when ties straddle the budget (0
+      when fewer than ``k`` coordinates have Δ > 0, NaN when ``k = 0``).
     num_selected: ``(num_silos,)`` int32 selected coordinates per silo.
     num_passes: int32 scalar, passes over the keys the threshold search took
       (the tie-break, when needed, adds its own).
@@ -216,7 +224,8 @@ class _Search(NamedTuple):
   """Per-silo state of the radix search: the k-th key lies in ``[lo, last]``.
 
   ``count_at_least`` is ``#{key ≥ lo}`` and ``count_above`` is ``#{key > last}``,
-  valid once the search resolved the silo (``lo == last``).
+  valid once the search resolved the silo (``lo == last``); a silo resolved at a
+  cut has ``count_at_least == k`` and ``count_above ≤ k``.
   """
 
   lo: jax.Array
@@ -259,6 +268,11 @@ def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax
     search.lo - 1,
     jnp.where(above, search.last + jnp.minimum(reach, _MAX_KEY - search.last), bucket_last),
   )
+  # A slot start with exactly k keys at or above it is a cut: the keys ≥ it are
+  # the selection, whatever the k-th key's exact value. Between distinct keys
+  # (a sparse tail, a tie-break over a few positions) this ends the search early.
+  cut = ~below & (count_at_least == budgets) & (lo > 0)
+  last = jnp.where(cut, lo, last)
   active = search.lo < search.last
   keep_old = lambda new, old: jnp.where(active, new, old)
   return _Search(
@@ -289,8 +303,10 @@ def _kth_largest(
     start: initial intervals; silos with ``lo == last`` are taken as resolved.
 
   Returns:
-    The resolved search (``lo`` is the k-th largest key of each unresolved silo)
-    and the number of passes it took.
+    The resolved search and the number of passes it took. For each silo that was
+    unresolved, ``lo`` is a key ``t`` with ``key_(k+1) < t ≤ key_(k)``: the k-th
+    largest key when ties straddle ``k``, else possibly a cut between the two
+    with exactly ``k`` keys at or above it (``count_at_least == k``).
   """
   num_slots = (1 << _DIGIT_BITS) + 2
 
@@ -408,7 +424,8 @@ def select_top_k(
   needs: ``ceil(w / 3)`` for a window of ``2^w`` keys that holds the new
   threshold (a few when the threshold creeps as it did last time; 8 when only the
   last threshold is known and Δ's k-th largest moved by less than ~25%), a few
-  more when it misses; 11 from a cold start.
+  more when it misses; at most 11 from a cold start. A search ends earlier when a slot
+  starts between the k-th and the (k+1)-th largest key.
 
   Args:
     keys: per leaf the :func:`distance_keys` of Δ, or ``None`` if unconstrained.
@@ -440,7 +457,7 @@ def select_top_k(
     return jnp.where(tied, _reversed_positions(leaf_keys.shape, leaf, base), 0)
 
   def position_cutoff(keys: list[jax.Array | None]) -> jax.Array:
-    """Per silo the smallest reversed position of a selected tie."""
+    """Per silo a cut: the ties to take are those with reversed position ≥ it."""
     tie_keys = [
       None if leaf is None else functools.partial(tied_positions, leaf_keys, leaf, base)
       for leaf_keys, leaf, base in zip(keys, layout.leaves, silo_bases, strict=True)

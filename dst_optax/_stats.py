@@ -39,7 +39,7 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     maximum), ``entered`` / ``exited`` (subset churn since the previous step),
     ``churn`` ((entered + exited) / max(changed, 1)), ``frozen_silos`` (silos with a
     zero budget), ``search_passes`` (passes over Δ the last threshold search took,
-    i.e. the selection's cost; a few when the threshold moves predictably, 11 from
+    i.e. the selection's cost; a few when the threshold moves predictably, up to 11 from
     a cold start; the slowest silo sets it) and ``step``.
   """
   state = find_state(opt_state)

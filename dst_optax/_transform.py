@@ -45,7 +45,8 @@ class DynamicSubsetTuningState(NamedTuple):
     count: number of updates so far (int32; float32 after some checkpoint
       restores is accepted). The seed is captured when it is 0.
     seed: the seed parameters Θ0, shaped (and shardable) like the params.
-    threshold: ``(num_silos,)`` float32 k-th largest Δ at the last step.
+    threshold: ``(num_silos,)`` float32 the last step's selection threshold:
+      kept coordinates had Δ ≥ it, reset ones Δ ≤ it (see :class:`Selection`).
     threshold_change: ``(num_silos,)`` float32 change of the threshold at the
       last step (NaN when unknown); the next search extrapolates it.
     threshold_error: ``(num_silos,)`` float32 how far the last change was from

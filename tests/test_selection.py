@@ -137,17 +137,23 @@ def test_any_warm_start_is_exact(selector, kind, previous):
       assert_same_selection(selection, kind, deltas, fraction)
 
 
-def test_threshold_is_the_kth_largest(selector):
+@pytest.mark.parametrize("delta_kind", ["random", "ties"])
+def test_threshold_separates_the_selection(selector, delta_kind):
+  """The threshold lies in (Δ_(k+1), Δ_(k)], and is Δ_(k) when ties straddle k."""
   rng = np.random.default_rng(2)
-  deltas = make_deltas(rng, "random")
+  deltas = make_deltas(rng, delta_kind)
   for fraction in (0.01, 0.3, 0.9):
     threshold = np.asarray(selector("per_tensor", deltas, fraction).threshold)
     for delta, value in zip(deltas, threshold, strict=True):
       budget = math.floor(fraction * delta.size)
+      descending = np.append(np.sort(delta.ravel())[::-1], -np.inf)
+      kth, next_one = descending[budget - 1], descending[budget]
       if budget == 0:
         assert np.isnan(value)
+      elif kth == next_one:
+        assert value == kth
       else:
-        assert value == np.sort(delta.ravel())[::-1][budget - 1]
+        assert next_one < value <= kth
 
 
 def test_warm_started_threshold_is_reused(selector):
@@ -161,17 +167,29 @@ def test_warm_started_threshold_is_reused(selector):
     threshold = selection.threshold
 
 
+def paired_keys(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+  """Δ ≈ 0.95 whose keys are consecutive integers, each taken twice, shuffled.
+
+  Every count of keys at or above a value is even, so for an odd k no value has
+  exactly k above it (Δ_(k) = Δ_(k+1)): the search must pin the k-th key itself.
+  """
+  first = int(np.float32(0.95).view(np.int32))
+  keys = first + rng.permutation(math.prod(shape)).astype(np.int32) // 2
+  return keys.view(np.float32).reshape(shape)
+
+
 @pytest.mark.parametrize("shape", [(128, 128), (64,)], ids=str)
 def test_extrapolated_warm_start_saves_passes(shape):
   """A threshold extrapolated to within its window takes the fewest passes."""
   selector = Selector((shape,))
-  delta = np.random.default_rng(5).random(shape).astype(np.float32)
-  fraction = 0.05
+  delta = paired_keys(np.random.default_rng(5), shape)
+  fraction = 0.05  # k = 819 and 3: odd
   kth = np.sort(delta.ravel())[::-1][math.floor(fraction * delta.size) - 1]
-  # 3 bits a pass, whatever the silo size. Cold: 31 bits, 11 passes. Last step the
-  # threshold was 0.1% lower and rose by 0.1% (~2^14 keys of Δ≈0.95): a window of
-  # 2^18 keys, 6 passes. Knowing that the rise was as predicted within 1e-6 (~2^4
-  # keys) narrows it to 2^9, 3 passes; at the exact threshold, 1.
+  # The search must pin the k-th key: 3 bits a pass, whatever the silo size.
+  # Cold: 31 bits, 11 passes. Last step the threshold was 0.1% lower and rose by
+  # 0.1% (~2^14 keys of Δ≈0.95): a window of 2^18 keys, 6 passes. Knowing that
+  # the rise was as predicted within 1e-6 (~2^4 keys) narrows it to 2^9, 3
+  # passes; at the exact threshold, 1.
   passes = (11, 6, 3, 1)
   last, change = kth * 0.999, kth * 0.001
   starts = [
@@ -188,6 +206,18 @@ def test_extrapolated_warm_start_saves_passes(shape):
   selection = selector("per_tensor", [delta], fraction, last, -change, kth * 1e-6)
   assert_same_selection(selection, "per_tensor", [delta], fraction, (shape,))
   assert int(selection.num_passes) > passes[2]
+
+
+def test_a_cut_between_distinct_keys_ends_the_search():
+  """Where Δ_(k) and Δ_(k+1) lie far apart, a slot start between them is the answer."""
+  shape = (64,)
+  selector = Selector((shape,))
+  # Keys 2^20 apart: a cold search is done once its buckets are narrower than
+  # that, ceil((31 - 20) / 3) = 4 passes instead of 11.
+  delta = (np.float32(0.5).view(np.int32) + (np.arange(64, dtype=np.int32) << 20)).view(np.float32)
+  selection = selector("per_tensor", [delta], 0.05)
+  assert_same_selection(selection, "per_tensor", [delta], 0.05, (shape,))
+  assert int(selection.num_passes) == 4
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
