@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -35,3 +36,27 @@ def test_small_run_writes_every_reported_quantity(tmp_path, monkeypatch):
     # search plus a miss; the state adds at most per-silo vectors to the params.
     assert 1 <= row["ours_passes"] <= 20
     assert 0 < row["dst_state_bytes_per_param_byte"] < 1.1
+
+
+@pytest.mark.slow
+def test_side_by_side_run_swaps_in_the_base_selection(monkeypatch):
+  """Against the search before the cut: same trained bits, fewer passes (so it really swapped)."""
+  base = "7471f8e"
+  repo = pathlib.Path(__file__).parents[1]
+  if subprocess.run(["git", "cat-file", "-e", base], cwd=repo, capture_output=True).returncode:
+    pytest.skip(f"needs a git checkout holding {base}")
+  monkeypatch.syspath_prepend(str(repo / "benchmarks"))
+  spec = importlib.util.spec_from_file_location(
+    "selection_ab", repo / "benchmarks" / "selection_ab.py"
+  )
+  selection_ab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(selection_ab)
+  flags = ["--base", base, "--sizes", "1M", "--silos", "per_tensor", "--fractions", "1e-2"]
+  monkeypatch.setattr(
+    sys, "argv", ["selection_ab.py", *flags, "--repeats", "1", "--training-steps", "10"]
+  )
+  results = selection_ab.main()
+  assert set(results) == {"per_tensor", "rows", "global"}
+  for result in results.values():
+    assert result["identical"]
+    assert 0 < result["ours_passes"] < result["base_passes"]

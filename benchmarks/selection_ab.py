@@ -1,0 +1,170 @@
+"""Same-process A/B of the selection code against another git revision's.
+
+Loads ``dst_optax/_selection.py`` as it was at ``--base`` (``git show``) and, for each
+size, silo kind and ε, compiles adam + DST twice, with that module and with the working
+tree's, and times both interleaved with adam alone (medians of ``--repeats``). On a
+shared machine host noise moves whole rows of a table; timed side by side in one process
+it moves both variants alike. Then a short adamw run on a small tree with noisy gradients
+checks that both variants select the same sets (the params stay bit-identical) and counts
+the search passes each took::
+
+  python benchmarks/selection_ab.py --base 7471f8e
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import subprocess
+import types
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import selection
+
+import dst_optax
+from dst_optax import _transform
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_SELECTION_PATH = "dst_optax/_selection.py"
+
+
+def selection_module_at(revision: str) -> types.ModuleType:
+  """``dst_optax/_selection.py`` as committed at ``revision``, as a fresh module."""
+  source = subprocess.run(
+    ["git", "show", f"{revision}:{_SELECTION_PATH}"],
+    cwd=_REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  module = types.ModuleType(f"selection_at_{revision}")
+  exec(compile(source, f"{revision}:{_SELECTION_PATH}", "exec"), module.__dict__)
+  return module
+
+
+@contextlib.contextmanager
+def selection_code(module: types.ModuleType | None) -> Iterator[None]:
+  """Traces the transformation with ``module`` as its selection (``None``: the working tree's)."""
+  saved = _transform._selection
+  _transform._selection = module or saved
+  try:
+    yield
+  finally:
+    _transform._selection = saved
+
+
+def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
+  """Prints, per row, both variants' ratios to adam alone and their search passes."""
+  variants = {"base": base, "ours": None}
+  for size in args.sizes:
+    params = selection.benchmark_params(size, jax.random.key(0))
+    grads = [
+      selection.random_grads(params, jax.random.key(s)) for s in range(selection.NUM_GRADIENTS)
+    ]
+    adam_step, _ = selection.SteadyStateSteps(params, grads).step("adam", 1.0, "per_tensor")
+    # One cache per variant: each compiles once per silo kind (ε is injected).
+    steps = {name: selection.SteadyStateSteps(params, grads) for name in variants}
+    for silo_kind in args.silos:
+      for fraction in args.fractions:
+        timed, passes = [], {}
+        for name, module in variants.items():
+          with selection_code(module):
+            step, info = steps[name].step("ours", fraction, silo_kind)
+          timed.append(step)
+          passes[name] = int(dst_optax.find_state(info["carry"][1]).num_passes)
+        (adam_seconds, base_seconds, ours_seconds), _ = selection.interleaved_medians(
+          [adam_step, *timed], args.repeats
+        )
+        print(
+          f"{size:>10} {silo_kind:>10} eps={fraction:<7g} adam {adam_seconds * 1e3:7.1f} ms  "
+          f"base {base_seconds / adam_seconds:5.2f}x ({passes['base']})  "
+          f"ours {ours_seconds / adam_seconds:5.2f}x ({passes['ours']})  "
+          f"ours/base {ours_seconds / base_seconds:.3f}",
+          flush=True,
+        )
+
+
+def noisy_grads(params: dict[str, jax.Array], index: int) -> dict[str, jax.Array]:
+  """A gradient that changes with the params and the step, plus Gaussian noise."""
+  noise = jax.random.key(index)
+  return {
+    name: jnp.sin(p * (index + 1)) + 0.1 * jax.random.normal(noise, p.shape)
+    for name, p in params.items()
+  }
+
+
+def noisy_training(silos: Any, num_steps: int) -> tuple[list[np.ndarray], int]:
+  """Params after ``num_steps`` of adamw + DST (ε = 5%) on noisy gradients, and total passes."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {
+    "a": jax.random.normal(keys[0], (64, 96)),
+    "b": jax.random.normal(keys[1], (96,)),
+    "c": jax.random.normal(keys[2], (32, 32)),
+  }
+  tx = optax.chain(
+    optax.adamw(3e-2, weight_decay=0.1), dst_optax.dynamic_subset_tuning(0.05, silos=silos)
+  )
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state, total_passes = tx.init(params), 0
+  for index in range(num_steps):
+    params, state = step(params, state, noisy_grads(params, index))
+    total_passes += int(dst_optax.find_state(state).num_passes)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(params)], total_passes
+
+
+def compare_training(base: types.ModuleType, num_steps: int) -> dict[str, dict[str, Any]]:
+  """Whether both variants train to the same bits, and their total search passes, per silo kind."""
+  silo_kinds = {
+    "per_tensor": dst_optax.PerTensor(),
+    "rows": lambda path, leaf: dst_optax.rows() if leaf.ndim == 2 else dst_optax.PerTensor(),
+    "global": dst_optax.Global(),
+  }
+  results = {}
+  for name, silos in silo_kinds.items():
+    with selection_code(base):
+      base_params, base_passes = noisy_training(silos, num_steps)
+    ours_params, ours_passes = noisy_training(silos, num_steps)
+    identical = all(
+      np.array_equal(b.view(np.int32), o.view(np.int32))
+      for b, o in zip(base_params, ours_params, strict=True)
+    )
+    print(
+      f"noisy adamw, {num_steps} steps, {name:>10}: params bit-identical {identical}; "
+      f"search passes base {base_passes}, ours {ours_passes}",
+      flush=True,
+    )
+    results[name] = {"identical": identical, "base_passes": base_passes, "ours_passes": ours_passes}
+  return results
+
+
+def main() -> dict[str, dict[str, Any]]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--base", required=True, help="git revision to compare against")
+  parser.add_argument("--sizes", nargs="+", default=["16M-square", "16M"], choices=selection.SIZES)
+  parser.add_argument(
+    "--silos", nargs="+", default=list(selection.SILO_KINDS), choices=selection.SILO_KINDS
+  )
+  parser.add_argument("--fractions", nargs="+", type=float, default=[1e-4, 1e-2, 0.1])
+  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--training-steps", type=int, default=30)
+  args = parser.parse_args()
+  warnings.filterwarnings("ignore", message="fraction_of_free_params=")
+  base = selection_module_at(args.base)
+  time_side_by_side(args, base)
+  return compare_training(base, args.training_steps)
+
+
+if __name__ == "__main__":
+  main()
