@@ -95,6 +95,12 @@ def random_grads(params: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.
   }
 
 
+def benchmark_inputs(size: str) -> tuple[dict[str, jax.Array], list[dict[str, jax.Array]]]:
+  """The params named ``size`` and the gradients of the steady-state steps."""
+  params = benchmark_params(size, jax.random.key(0))
+  return params, [random_grads(params, jax.random.key(step)) for step in range(NUM_GRADIENTS)]
+
+
 def _silo_axis(silo_kind: str, leaf: jax.Array) -> int | None:
   """The silo axis of a leaf: ``None`` for one silo, 0 for rows of a matrix."""
   return 0 if silo_kind == "rows" and leaf.ndim == 2 else None
@@ -224,10 +230,9 @@ def interleaved_medians(
 def run(args: argparse.Namespace) -> dict[str, Any]:
   results = []
   for size in args.sizes:
-    params = benchmark_params(size, jax.random.key(0))
+    params, grads = benchmark_inputs(size)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    grads = [random_grads(params, jax.random.key(step)) for step in range(NUM_GRADIENTS)]
     steps = SteadyStateSteps(params, grads)
     adam_step, adam_info = steps.step("adam", 1.0, "per_tensor")
     print(

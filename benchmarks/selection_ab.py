@@ -64,10 +64,8 @@ def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
   """Prints, per row, both variants' ratios to adam alone and their search passes."""
   variants = {"base": base, "ours": None}
   for size in args.sizes:
-    params = selection.benchmark_params(size, jax.random.key(0))
-    grads = [
-      selection.random_grads(params, jax.random.key(s)) for s in range(selection.NUM_GRADIENTS)
-    ]
+    # The tables' inputs, so that both runs measure the same steps.
+    params, grads = selection.benchmark_inputs(size)
     adam_step, _ = selection.SteadyStateSteps(params, grads).step("adam", 1.0, "per_tensor")
     # One cache per variant: each compiles once per silo kind (ε is injected).
     steps = {name: selection.SteadyStateSteps(params, grads) for name in variants}
