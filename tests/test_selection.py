@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax import export
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import dst_optax
@@ -280,3 +282,31 @@ def test_sharded_equals_unsharded_without_gathering(kind):
       result_shape = line.split("=")[1].split("all-")[0]
       dims = [int(d) for d in result_shape.split("[")[1].split("]")[0].split(",") if d]
       assert math.prod(dims) < smallest_leaf, f"parameter-sized gather: {line.strip()}"
+
+
+@pytest.mark.parametrize(
+  ("shape", "axis"), [((70, 64), None), ((3, 4, 2), None), ((5,), None), ((70, 64), 0), ((6, 5), 1)]
+)
+def test_silo_sums_match_numpy(shape, axis):
+  leaf = _silos.LeafSilos(axis=axis, offset=0, num_silos=1 if axis is None else shape[axis])
+  rng = np.random.default_rng(0)
+  operands = tuple(rng.integers(0, 2, shape).astype(np.int32) for _ in range(3))
+  sums = jax.jit(lambda *operands: _selection._silo_sums(operands, leaf))(*operands)
+  summed_axes = tuple(a for a in range(len(shape)) if a != axis)
+  for have, operand in zip(sums, operands, strict=True):
+    np.testing.assert_array_equal(have, operand.sum(axis=summed_axes).reshape(leaf.num_silos))
+
+
+def test_silo_sums_reduce_to_scalars_at_once_except_on_cpu():
+  """Off CPU a sharded one-silo leaf must all-reduce scalars, not its rows' partial sums."""
+  leaf = _silos.LeafSilos(axis=None, offset=0, num_silos=1)
+  sums = jax.jit(lambda a, b: _selection._silo_sums((a, b), leaf))
+  operand = jnp.ones((8, 16), jnp.int32)
+  reduced_axes = {
+    platform: re.findall(
+      r"across dimensions = \[([0-9, ]*)\]",
+      export.export(sums, platforms=[platform])(operand, operand).mlir_module(),
+    )
+    for platform in ("cpu", "cuda", "tpu")
+  }
+  assert reduced_axes == {"cpu": ["1", "0"], "cuda": ["0, 1"], "tpu": ["0, 1"]}
