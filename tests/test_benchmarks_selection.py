@@ -60,3 +60,21 @@ def test_side_by_side_run_swaps_in_the_base_selection(monkeypatch):
   for result in results.values():
     assert result["identical"]
     assert 0 < result["ours_passes"] < result["base_passes"]
+
+
+@pytest.mark.slow
+def test_profile_of_a_step_lists_its_kernels(monkeypatch):
+  repo = pathlib.Path(__file__).parents[1]
+  monkeypatch.syspath_prepend(str(repo / "benchmarks"))
+  spec = importlib.util.spec_from_file_location(
+    "profile_step", repo / "benchmarks" / "profile_step.py"
+  )
+  profile_step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile_step)
+  flags = ["--size", "1M", "--silos", "per_tensor", "--fraction", "1e-2", "--steps", "2"]
+  monkeypatch.setattr(sys, "argv", ["profile_step.py", *flags])
+  wall, kernel_seconds, num_threads = profile_step.main()
+  assert wall > 0 and num_threads >= 1
+  # The step ran the search: its passes are reductions over the leaves' keys.
+  assert any("reduce" in name for name in kernel_seconds)
+  assert not any(name.startswith(profile_step._NOT_KERNELS) for name in kernel_seconds)
