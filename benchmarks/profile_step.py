@@ -101,8 +101,9 @@ def main() -> tuple[float, collections.Counter, int]:
   kinds: collections.Counter = collections.Counter()
   counts: collections.Counter = collections.Counter()
   for name, kernel_seconds in seconds.items():
-    kinds[re.sub(r"\.\d+$", "", name)] += kernel_seconds
-    counts[re.sub(r"\.\d+$", "", name)] += 1
+    kind = re.sub(r"\.\d+$", "", name)
+    kinds[kind] += kernel_seconds
+    counts[kind] += 1
   print("by kind:")
   for kind, kind_seconds in kinds.most_common(args.top):
     print(f"  {kind_seconds * 1e3:8.2f} ms  {kind} ({counts[kind]} kernels)")

@@ -9,10 +9,18 @@ import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).parents[1] / "benchmarks" / "selection.py"
-_SPEC = importlib.util.spec_from_file_location("selection_benchmark", _PATH)
-selection_benchmark = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(selection_benchmark)
+_BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+  """``benchmarks/<name>.py`` as a module (the scripts import each other as top-level names)."""
+  spec = importlib.util.spec_from_file_location(f"{name}_benchmark", _BENCHMARKS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+selection_benchmark = load_script("selection")
 
 
 @pytest.mark.slow
@@ -45,12 +53,8 @@ def test_side_by_side_run_swaps_in_the_base_selection(monkeypatch):
   repo = pathlib.Path(__file__).parents[1]
   if subprocess.run(["git", "cat-file", "-e", base], cwd=repo, capture_output=True).returncode:
     pytest.skip(f"needs a git checkout holding {base}")
-  monkeypatch.syspath_prepend(str(repo / "benchmarks"))
-  spec = importlib.util.spec_from_file_location(
-    "selection_ab", repo / "benchmarks" / "selection_ab.py"
-  )
-  selection_ab = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(selection_ab)
+  monkeypatch.syspath_prepend(str(_BENCHMARKS))
+  selection_ab = load_script("selection_ab")
   flags = ["--base", base, "--sizes", "1M", "--silos", "per_tensor", "--fractions", "1e-2"]
   monkeypatch.setattr(
     sys, "argv", ["selection_ab.py", *flags, "--repeats", "1", "--training-steps", "10"]
@@ -64,13 +68,8 @@ def test_side_by_side_run_swaps_in_the_base_selection(monkeypatch):
 
 @pytest.mark.slow
 def test_profile_of_a_step_lists_its_kernels(monkeypatch):
-  repo = pathlib.Path(__file__).parents[1]
-  monkeypatch.syspath_prepend(str(repo / "benchmarks"))
-  spec = importlib.util.spec_from_file_location(
-    "profile_step", repo / "benchmarks" / "profile_step.py"
-  )
-  profile_step = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(profile_step)
+  monkeypatch.syspath_prepend(str(_BENCHMARKS))
+  profile_step = load_script("profile_step")
   flags = ["--size", "1M", "--silos", "per_tensor", "--fraction", "1e-2", "--steps", "2"]
   monkeypatch.setattr(sys, "argv", ["profile_step.py", *flags])
   wall, kernel_seconds, num_threads = profile_step.main()
