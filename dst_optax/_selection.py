@@ -39,7 +39,11 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
   ±25%, 8 passes); a cold search takes 11, a miss ``1 + ceil((w + 6) / 3)``
   more if the threshold lies within 2^6 window widths;
-* leaves whose silos are all resolved skip the pass (``lax.cond``);
+* leaves whose silos are all resolved skip the pass (``lax.switch``), and a
+  leaf of per-slice silos (rows, columns) with at most one in eight of them
+  unresolved gathers just their slices: a search runs until its slowest silo is
+  resolved, and in the late passes few rows are left (of 16K rows, ~5% after
+  five passes and ~0.1% after nine in benchmarks/selection.py's steady state);
 * ties straddling the budget (equal keys at the threshold) are broken by the same
   search over a second key, the reversed position in silo order, which runs only
   when some silo has such ties and costs at most ``ceil(log2 |S| / b)`` passes,
@@ -84,6 +88,9 @@ _WARM_WINDOW_BITS = 22
 # keys, ±4-8 s: a Gaussian error of the last one's scale misses ~1 step in 10,
 # and a near miss costs about three passes.
 _WARM_MARGIN_BITS = 3
+# A leaf of per-slice silos with at most 1/_COMPACT_FRACTION of them unresolved
+# counts just their slices, gathered: a late pass reads at most 1/8 of its keys.
+_COMPACT_FRACTION = 8
 
 
 class WarmStart(NamedTuple):
@@ -176,6 +183,29 @@ def _silo_sums(operands: tuple[jax.Array, ...], leaf: LeafSilos) -> tuple[jax.Ar
   return tuple(total.reshape(leaf.num_silos) for total in sums)
 
 
+def _join_silos(per_leaf: list[jax.Array | None], layout: SiloLayout) -> jax.Array:
+  """Joins per-leaf values of their silos into one array over all silos.
+
+  Leaves sharing a silo (a group) add their values. Joined by one concatenation:
+  adding each leaf into a ``(num_silos, …)`` array writes that array once per
+  leaf, which for per-row silos costs more than the counting itself.
+
+  Args:
+    per_leaf: per leaf an array with leading axis ``leaf.num_silos``, or ``None``
+      for unconstrained leaves.
+    layout: the silo layout (its leaves' silos tile ``[0, num_silos)``).
+
+  Returns:
+    The ``(num_silos, …)`` array.
+  """
+  by_offset: dict[int, jax.Array] = {}
+  for values, leaf in zip(per_leaf, layout.leaves, strict=True):
+    if leaf is not None:
+      earlier = by_offset.get(leaf.offset)
+      by_offset[leaf.offset] = values if earlier is None else earlier + values
+  return jnp.concatenate([by_offset[offset] for offset in sorted(by_offset)])
+
+
 def count_per_silo(
   flags: list[tuple[jax.Array, ...] | None], layout: SiloLayout
 ) -> tuple[jax.Array, ...]:
@@ -192,15 +222,13 @@ def count_per_silo(
   Returns:
     One ``(num_silos,)`` int32 count per flag array.
   """
-  num_flags = len(next(f for f in flags if f is not None))
-  totals = tuple(jnp.zeros(layout.num_silos, jnp.int32) for _ in range(num_flags))
-  for leaf_flags, leaf in zip(flags, layout.leaves, strict=True):
-    if leaf is None:
-      continue
-    counts = _silo_sums(tuple(flag.astype(jnp.int32) for flag in leaf_flags), leaf)
-    silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
-    totals = tuple(total.at[silos].add(count) for total, count in zip(totals, counts, strict=True))
-  return totals
+  counts = [
+    None
+    if leaf is None
+    else jnp.stack(_silo_sums(tuple(flag.astype(jnp.int32) for flag in leaf_flags), leaf), axis=1)
+    for leaf_flags, leaf in zip(flags, layout.leaves, strict=True)
+  ]
+  return tuple(_join_silos(counts, layout).T)
 
 
 def _leaf_silo_bases(layout: SiloLayout, shapes: list[tuple[int, ...] | None]) -> list[int | None]:
@@ -224,27 +252,40 @@ def _bit_length(values: jax.Array) -> jax.Array:
   return 32 - lax.clz(values)
 
 
-def _leaf_slot_counts(
-  leaf_keys: jax.Array, leaf: LeafSilos, lo: jax.Array, last: jax.Array, shift: jax.Array
-) -> jax.Array:
-  """Counts one leaf's keys in slot ``≥ j`` for its silos' ``2^b + 2`` slots.
+def _slot_thresholds(lo: jax.Array, last: jax.Array, shift: jax.Array) -> jax.Array:
+  """Per silo the ``2^b + 1`` thresholds ``t_j`` whose ``#{key > t_j}`` a pass counts.
 
   Slot 0 holds keys below ``lo``, slot ``1 + ((key − lo) >> shift)`` keys in
-  ``[lo, last]`` and slot ``2^b + 1`` keys above ``last``; column ``j`` of the
-  ``(leaf.num_silos, 2^b + 2)`` result is ``#{key in slot ≥ j}``, counted by
-  compares in one reduction.
+  ``[lo, last]`` and slot ``2^b + 1`` keys above ``last``; keys in slot ≥ 1 + j
+  are those > ``t_j``.
+
+  Returns:
+    ``(num_silos, 2^b + 1)`` int32 thresholds.
   """
   # Keys in slot ≥ 1 + j are those > lo − 1 + j·2^shift; buckets that start past
   # ``last`` hold nothing, so they count the keys above ``last``. Comparing with
   # ``start − 1`` keeps every threshold inside int32 (lo ≥ 0, last < 2^31).
-  # Sliced to this leaf's silos first, so the per-silo work scales with the leaf.
-  per_leaf = lambda values: silo_values_for_leaf(values, leaf, leaf_keys.ndim)
-  leaf_lo, leaf_last, leaf_shift = per_leaf(lo), per_leaf(last), per_leaf(shift)
-  offsets = [lax.shift_left(jnp.int32(j), leaf_shift) for j in range(1 << _DIGIT_BITS)]
-  width = leaf_last - leaf_lo
-  thresholds = [jnp.where(o <= width, leaf_lo - 1 + o, leaf_last) for o in offsets]
-  thresholds.append(leaf_last)
-  counts = _silo_sums(tuple((leaf_keys > t).astype(jnp.int32) for t in thresholds), leaf)
+  offsets = [lax.shift_left(jnp.int32(j), shift) for j in range(1 << _DIGIT_BITS)]
+  thresholds = [jnp.where(o <= last - lo, lo - 1 + o, last) for o in offsets]
+  return jnp.stack([*thresholds, last], axis=1)
+
+
+def _leaf_slot_counts(leaf_keys: jax.Array, leaf: LeafSilos, thresholds: jax.Array) -> jax.Array:
+  """Counts one leaf's keys in slot ``≥ j`` for its silos' ``2^b + 2`` slots.
+
+  Args:
+    leaf_keys: the leaf's keys.
+    leaf: where the leaf's coordinates go.
+    thresholds: ``(leaf.num_silos, 2^b + 1)`` :func:`_slot_thresholds` of its silos.
+
+  Returns:
+    ``(leaf.num_silos, 2^b + 2)`` int32: column ``j`` is ``#{key in slot ≥ j}``,
+    counted by compares in one reduction.
+  """
+  per_leaf = lambda values: silo_values_for_leaf(values, leaf._replace(offset=0), leaf_keys.ndim)
+  counts = _silo_sums(
+    tuple((leaf_keys > per_leaf(column)).astype(jnp.int32) for column in thresholds.T), leaf
+  )
   keys_per_silo = jnp.full(leaf.num_silos, leaf_keys.size // leaf.num_silos, jnp.int32)
   return jnp.stack([keys_per_silo, *counts], axis=1)
 
@@ -321,6 +362,7 @@ def _kth_largest(
   layout: SiloLayout,
   budgets: jax.Array,
   start: _Search,
+  compact: bool = True,
 ) -> tuple[_Search, jax.Array]:
   """Radix search for the k-th largest key of every silo, from ``start``.
 
@@ -330,6 +372,9 @@ def _kth_largest(
     layout: the silo layout.
     budgets: ``(num_silos,)`` k per silo.
     start: initial intervals; silos with ``lo == last`` are taken as resolved.
+    compact: whether leaves with few unresolved per-slice silos count just
+      those (off for the rarely needed tie-break, which it would only make
+      slower to compile).
 
   Returns:
     The resolved search and the number of passes it took. For each silo that was
@@ -342,22 +387,52 @@ def _kth_largest(
   def one_pass(search: _Search) -> _Search:
     active = search.lo < search.last
     shift = jnp.maximum(_bit_length(search.last - search.lo) - _DIGIT_BITS, 0)
-    slot_counts = jnp.zeros((layout.num_silos, num_slots), jnp.int32)
+    thresholds = _slot_thresholds(search.lo, search.last, shift)
+    leaf_counts = []
     for leaf_keys, leaf in zip(keys, layout.leaves, strict=True):
       if leaf is None:
+        leaf_counts.append(None)
         continue
       silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
 
-      def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf) -> jax.Array:
-        return _leaf_slot_counts(leaf_keys(), leaf, search.lo, search.last, shift)
+      leaf_thresholds = thresholds[silos]
 
-      # Leaves whose silos are all resolved skip the pass over their keys.
-      leaf_counts = lax.cond(
-        jnp.any(active[silos]),
-        counts_of_leaf,
-        lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32),
-      )
-      slot_counts = slot_counts.at[silos].add(leaf_counts)
+      def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf, leaf_thresholds=leaf_thresholds):
+        return _leaf_slot_counts(leaf_keys(), leaf, leaf_thresholds)
+
+      def counts_of_unresolved(
+        leaf_keys=leaf_keys, leaf=leaf, leaf_thresholds=leaf_thresholds, silos=silos
+      ) -> jax.Array:
+        # Counts only the slices of the unresolved silos, gathered, so that the
+        # late passes read a few keys. Slots left over index slice 0: they count
+        # it again and write its counts once more.
+        cap = leaf.num_silos // _COMPACT_FRACTION
+        leaf_active = active[silos]
+        rank = jnp.cumsum(leaf_active, dtype=jnp.int32) - 1
+        indices = (
+          jnp.zeros(cap, jnp.int32)
+          .at[jnp.where(leaf_active, rank, cap)]
+          .set(jnp.arange(leaf.num_silos, dtype=jnp.int32), mode="drop")
+        )
+        counts = _leaf_slot_counts(
+          jnp.take(leaf_keys(), indices, axis=leaf.axis, mode="clip"),
+          leaf._replace(num_silos=cap),
+          leaf_thresholds[indices],
+        )
+        zeros = jnp.zeros((leaf.num_silos, num_slots), jnp.int32)
+        return zeros.at[indices].set(counts)
+
+      zeros = lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32)
+      # Leaves whose silos are all resolved skip the pass over their keys; those
+      # with few unresolved silos (at most one in _COMPACT_FRACTION) count just them.
+      branches, bounds = [zeros, counts_of_leaf], [0]
+      if compact and leaf.axis is not None and leaf.num_silos >= _COMPACT_FRACTION:
+        branches.insert(1, counts_of_unresolved)
+        bounds.append(leaf.num_silos // _COMPACT_FRACTION)
+      num_active = jnp.sum(active[silos], dtype=jnp.int32)
+      branch = jnp.sum(num_active > np.array(bounds, np.int32), dtype=jnp.int32)
+      leaf_counts.append(lax.switch(branch, branches))
+    slot_counts = _join_silos(leaf_counts, layout)
     # Narrowed on copies gathered by explicit indices, which the SPMD partitioner
     # replicates. Left in place, the per-silo state took the sharding of a leaf's
     # row counts (uneven shards) and the partitioner miscomputed the narrowing
@@ -494,7 +569,7 @@ def select_top_k(
     needed = jnp.where(straddling, ties_needed, 0)
     lowest = jnp.asarray(_MAX_KEY - layout.silo_sizes, jnp.int32)
     start = _resolved(needed, lowest, jnp.full_like(needed, _MAX_KEY - 1))
-    found_ties, _ = _kth_largest(tie_keys, layout, needed, start)
+    found_ties, _ = _kth_largest(tie_keys, layout, needed, start, compact=False)
     return jnp.where(straddling, found_ties.lo, 0)
 
   def masks_for(cutoff: jax.Array | None, keys: list[jax.Array | None]) -> list[jax.Array | None]:

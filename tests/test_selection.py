@@ -210,6 +210,28 @@ def test_extrapolated_warm_start_saves_passes(shape):
   assert int(selection.num_passes) > passes[2]
 
 
+def test_late_passes_count_the_unresolved_rows_alone():
+  """Passes over a leaf with at most 1/8 of its rows unresolved gather just those rows.
+
+  Every row holds paired keys and an odd budget, so each needs its k-th key
+  pinned. Warm-started at that key, 60 of 64 rows resolve in one pass; the 4
+  cold rows (the first and last among them) take 11, the last 10 with the leaf
+  in its gathered branch; their selections must still match the reference.
+  """
+  shape = (64, 32)
+  selector = Selector((shape,))
+  rng = np.random.default_rng(6)
+  delta = np.stack([paired_keys(rng, (32,)) * (1 + row / 64) for row in range(64)])
+  fraction = 0.1  # k = 3 per row: odd
+  kth = np.sort(delta, axis=1)[:, ::-1][:, 2].astype(np.float32)
+  cold = [0, 17, 40, 63]
+  threshold = kth.copy()
+  threshold[cold] = np.nan
+  selection = selector("rows", [delta], fraction, threshold, np.zeros(64), np.zeros(64))
+  assert_same_selection(selection, "rows", [delta], fraction, (shape,))
+  assert int(selection.num_passes) == 11
+
+
 def test_a_cut_between_distinct_keys_ends_the_search():
   """Where Δ_(k) and Δ_(k+1) lie far apart, a slot start between them is the answer."""
   shape = (64,)
