@@ -373,8 +373,8 @@ def _kth_largest(
     budgets: ``(num_silos,)`` k per silo.
     start: initial intervals; silos with ``lo == last`` are taken as resolved.
     compact: whether leaves with few unresolved per-slice silos count just
-      those (off for the tie-break's search, to keep compilation down: each
-      leaf would get a gathered branch again).
+      those (off for the tie-break's search, where it measured no gain and
+      would add a gathered branch per leaf to compile).
 
   Returns:
     The resolved search and the number of passes it took. For each silo that was
