@@ -137,7 +137,11 @@ def distance_keys(distance: jax.Array) -> jax.Array:
 
 def silo_values_for_leaf(values: jax.Array, leaf: LeafSilos, ndim: int) -> jax.Array:
   """Slices a per-silo vector to this leaf and shapes it to broadcast against it."""
-  leaf_values = values[leaf.offset : leaf.offset + leaf.num_silos]
+  return _broadcast_to_leaf(values[leaf.offset : leaf.offset + leaf.num_silos], leaf, ndim)
+
+
+def _broadcast_to_leaf(leaf_values: jax.Array, leaf: LeafSilos, ndim: int) -> jax.Array:
+  """Shapes a ``(leaf.num_silos,)`` vector to broadcast against the leaf."""
   if leaf.axis is None:
     return leaf_values[0]
   shape = [1] * ndim
@@ -282,9 +286,12 @@ def _leaf_slot_counts(leaf_keys: jax.Array, leaf: LeafSilos, thresholds: jax.Arr
     ``(leaf.num_silos, 2^b + 2)`` int32: column ``j`` is ``#{key in slot ≥ j}``,
     counted by compares in one reduction.
   """
-  per_leaf = lambda values: silo_values_for_leaf(values, leaf._replace(offset=0), leaf_keys.ndim)
   counts = _silo_sums(
-    tuple((leaf_keys > per_leaf(column)).astype(jnp.int32) for column in thresholds.T), leaf
+    tuple(
+      (leaf_keys > _broadcast_to_leaf(column, leaf, leaf_keys.ndim)).astype(jnp.int32)
+      for column in thresholds.T
+    ),
+    leaf,
   )
   keys_per_silo = jnp.full(leaf.num_silos, leaf_keys.size // leaf.num_silos, jnp.int32)
   return jnp.stack([keys_per_silo, *counts], axis=1)
@@ -394,20 +401,23 @@ def _kth_largest(
         leaf_counts.append(None)
         continue
       silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
-
-      leaf_thresholds = thresholds[silos]
+      leaf_active, leaf_thresholds = active[silos], thresholds[silos]
+      zeros = lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32)
 
       def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf, leaf_thresholds=leaf_thresholds):
         return _leaf_slot_counts(leaf_keys(), leaf, leaf_thresholds)
 
       def counts_of_unresolved(
-        leaf_keys=leaf_keys, leaf=leaf, leaf_thresholds=leaf_thresholds, silos=silos
+        leaf_keys=leaf_keys,
+        leaf=leaf,
+        leaf_active=leaf_active,
+        leaf_thresholds=leaf_thresholds,
+        zeros=zeros,
       ) -> jax.Array:
         # Counts only the slices of the unresolved silos, gathered, so that the
         # late passes read a few keys. Slots left over index slice 0: they count
         # it again and write its counts once more.
         cap = leaf.num_silos // _COMPACT_FRACTION
-        leaf_active = active[silos]
         rank = jnp.cumsum(leaf_active, dtype=jnp.int32) - 1
         indices = (
           jnp.zeros(cap, jnp.int32)
@@ -419,17 +429,15 @@ def _kth_largest(
           leaf._replace(num_silos=cap),
           leaf_thresholds[indices],
         )
-        zeros = jnp.zeros((leaf.num_silos, num_slots), jnp.int32)
-        return zeros.at[indices].set(counts)
+        return zeros().at[indices].set(counts)
 
-      zeros = lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32)
       # Leaves whose silos are all resolved skip the pass over their keys; those
       # with few unresolved silos (at most one in _COMPACT_FRACTION) count just them.
       branches, bounds = [zeros, counts_of_leaf], [0]
       if compact and leaf.axis is not None and leaf.num_silos >= _COMPACT_FRACTION:
         branches.insert(1, counts_of_unresolved)
         bounds.append(leaf.num_silos // _COMPACT_FRACTION)
-      num_active = jnp.sum(active[silos], dtype=jnp.int32)
+      num_active = jnp.sum(leaf_active, dtype=jnp.int32)
       branch = jnp.sum(num_active > np.array(bounds, np.int32), dtype=jnp.int32)
       leaf_counts.append(lax.switch(branch, branches))
     slot_counts = _join_silos(leaf_counts, layout)
