@@ -32,10 +32,11 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   a scatter-add histogram pass costs ~2.7 ns a key however many bits it
   resolves, and seventeen compares no longer vectorise (~2 ns);
 * a warm start extrapolates the threshold's last change (:class:`WarmStart`)
-  and opens a window of ``±4-8×`` the last extrapolation error around it, in
-  keys, rounded up to whole digits: when the threshold creeps smoothly a search
-  takes a few passes (one for an exactly linear trend; 5-7 for the 1M-coordinate
-  silos of benchmarks/selection.py in steady state). Without a known error the window
+  and opens a window of ``±4-8×`` the last extrapolation error around it (an
+  error of at least 1/8 of the last change), in keys, rounded up to whole
+  digits: when the threshold creeps smoothly a search takes a few passes (one
+  when it stands still; 5-7 for the 1M-coordinate silos of
+  benchmarks/selection.py in steady state). Without a known error the window
   spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
   ±25%, 8 passes); a cold search takes 11, a miss ``1 + ceil((w + 6) / 3)``
   more if the threshold lies within 2^6 window widths;
@@ -88,6 +89,10 @@ _WARM_WINDOW_BITS = 22
 # keys, ±4-8 s: a Gaussian error of the last one's scale misses ~1 step in 10,
 # and a near miss costs about three passes.
 _WARM_MARGIN_BITS = 3
+# The spread is at least 2^-3 of the last change: two equal changes in a row are
+# a coincidence, not a precise trend (per-row thresholds under adam often repeat
+# a change exactly and then jump by 15-30%, missing a window of a few keys).
+_TREND_TRUST_BITS = 3
 # A leaf of per-slice silos with at most 1/_COMPACT_FRACTION of them unresolved
 # counts just their slices, gathered: a late pass reads at most 1/8 of its keys.
 _COMPACT_FRACTION = 8
@@ -477,8 +482,8 @@ def _warm_start(budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
 
   The window is centred on the key of ``c = t + m`` (``m`` the last change, 0 if
   unknown) and ``2^w`` keys wide, ``w = bit_length(|key(c + s) − key(c)|) +
-  _WARM_MARGIN_BITS`` for the spread ``s``, the last error or else the last
-  change, rounded up to whole digits (a window of a whole number of digits costs
+  _WARM_MARGIN_BITS`` for the spread ``s``, the last error but at least
+  ``|m| / 8``, or else the last change, rounded up to whole digits (a window of a whole number of digits costs
   no more passes than its width needs); with neither, ``w = _WARM_WINDOW_BITS``.
   Windows of 31 bits or more, and thresholds that are not positive and finite,
   start cold.
@@ -488,7 +493,13 @@ def _warm_start(budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
     return cold
   known = lambda value: jnp.where(jnp.isfinite(value), value, 0.0)
   centre_value = jnp.maximum(warm_start.threshold + known(warm_start.change), 0.0)
-  spread = jnp.where(jnp.isfinite(warm_start.error), warm_start.error, warm_start.change)
+  # A finite error implies a finite change (it is the difference of two changes).
+  error_floor = jnp.abs(warm_start.change) * 2.0**-_TREND_TRUST_BITS
+  spread = jnp.where(
+    jnp.isfinite(warm_start.error),
+    jnp.maximum(jnp.abs(warm_start.error), error_floor),
+    warm_start.change,
+  )
   # NaN keys lie above the infinity key, so NaN thresholds start cold.
   last_key = distance_keys(warm_start.threshold)
   centre = distance_keys(centre_value)

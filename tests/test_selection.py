@@ -190,14 +190,16 @@ def test_extrapolated_warm_start_saves_passes(shape):
   # The search must pin the k-th key: 3 bits a pass, whatever the silo size.
   # Cold: 31 bits, 11 passes. Last step the threshold was 0.1% lower and rose by
   # 0.1% (~2^14 keys of Δ≈0.95): a window of 2^18 keys, 6 passes. Knowing that
-  # the rise was as predicted within 1e-6 (~2^4 keys) narrows it to 2^9, 3
-  # passes; at the exact threshold, 1.
-  passes = (11, 6, 3, 1)
+  # the rise was as predicted within 1e-6 (~2^4 keys) trusts it to 1/8 of the
+  # rise (~2^11 keys), 2^15, 5 passes. A rise of 1e-5 predicted within 1e-6:
+  # 2^9, 3 passes; at the exact threshold, 1.
+  passes = (11, 6, 5, 3, 1)
   last, change = kth * 0.999, kth * 0.001
   starts = [
     (np.nan, np.nan, np.nan),
     (last, change, np.nan),
     (last, change, kth * 1e-6),
+    (kth * (1 - 1e-5), kth * 1e-5, kth * 1e-6),
     (kth, 0.0, 0.0),
   ]
   for start, want_passes in zip(starts, passes, strict=True):
