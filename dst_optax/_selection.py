@@ -483,8 +483,9 @@ def _warm_start(budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
   The window is centred on the key of ``c = t + m`` (``m`` the last change, 0 if
   unknown) and ``2^w`` keys wide, ``w = bit_length(|key(c + s) − key(c)|) +
   _WARM_MARGIN_BITS`` for the spread ``s``, the last error but at least
-  ``|m| / 8``, or else the last change, rounded up to whole digits (a window of a whole number of digits costs
-  no more passes than its width needs); with neither, ``w = _WARM_WINDOW_BITS``.
+  ``|m| / 8``, or else the last change, rounded up to whole digits (a window of
+  a whole number of digits costs no more passes than its width needs); with
+  neither, ``w = _WARM_WINDOW_BITS``.
   Windows of 31 bits or more, and thresholds that are not positive and finite,
   start cold.
   """
