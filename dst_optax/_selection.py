@@ -32,12 +32,12 @@ Passes over parameter-sized arrays are what costs, not arithmetic. So:
   a scatter-add histogram pass costs ~2.7 ns a key however many bits it
   resolves, and seventeen compares no longer vectorise (~2 ns);
 * a warm start extrapolates the threshold's last change (:class:`WarmStart`)
-  and opens a window of ``±4-8×`` the last extrapolation error around it (an
+  and opens a window of ``±2-4×`` the last extrapolation error around it (an
   error of at least 1/8 of the last change), in keys, rounded up to whole
   digits: when the threshold creeps smoothly a search takes a few passes (one
   when it stands still; 5-7 for the 1M-coordinate silos of
   benchmarks/selection.py in steady state). Without a known error the window
-  spans ``±4-8×`` the last change, without either ``±2^21`` keys (Δ within about
+  spans ``±2-4×`` the last change, without either ``±2^21`` keys (Δ within about
   ±25%, 8 passes); a cold search takes 11, a miss ``1 + ceil((w + 6) / 3)``
   more if the threshold lies within 2^6 window widths;
 * leaves whose silos are all resolved skip the pass (``lax.switch``), and a
@@ -86,9 +86,10 @@ _MISS_GROWTH_BITS = 6
 # the last threshold, i.e. Δ may move by about ±25% between steps and stay inside.
 _WARM_WINDOW_BITS = 22
 # With a known spread s (in keys) the window spans 2^(bit_length(s) + margin)
-# keys, ±4-8 s: a Gaussian error of the last one's scale misses ~1 step in 10,
+# keys, ±2-4 s before rounding up to whole digits: per-tensor thresholds land
+# within 1.4-2.9 spreads of the extrapolation in 95% of steps (benchmarks/README.md),
 # and a near miss costs about three passes.
-_WARM_MARGIN_BITS = 3
+_WARM_MARGIN_BITS = 2
 # The spread is at least 2^-3 of the last change: two equal changes in a row are
 # a coincidence, not a precise trend (per-row thresholds under adam often repeat
 # a change exactly and then jump by 15-30%, missing a window of a few keys).
