@@ -409,6 +409,7 @@ def _kth_largest(
       silos = slice(leaf.offset, leaf.offset + leaf.num_silos)
       leaf_active, leaf_thresholds = active[silos], thresholds[silos]
       zeros = lambda n=leaf.num_silos: jnp.zeros((n, num_slots), jnp.int32)
+      cap = leaf.num_silos // _COMPACT_FRACTION
 
       def counts_of_leaf(leaf_keys=leaf_keys, leaf=leaf, leaf_thresholds=leaf_thresholds):
         return _leaf_slot_counts(leaf_keys(), leaf, leaf_thresholds)
@@ -419,11 +420,11 @@ def _kth_largest(
         leaf_active=leaf_active,
         leaf_thresholds=leaf_thresholds,
         zeros=zeros,
+        cap=cap,
       ) -> jax.Array:
         # Counts only the slices of the unresolved silos, gathered, so that the
         # late passes read a few keys. Slots left over index slice 0: they count
         # it again and write its counts once more.
-        cap = leaf.num_silos // _COMPACT_FRACTION
         rank = jnp.cumsum(leaf_active, dtype=jnp.int32) - 1
         indices = (
           jnp.zeros(cap, jnp.int32)
@@ -442,7 +443,7 @@ def _kth_largest(
       branches, bounds = [zeros, counts_of_leaf], [0]
       if compact and leaf.axis is not None and leaf.num_silos >= _COMPACT_FRACTION:
         branches.insert(1, counts_of_unresolved)
-        bounds.append(leaf.num_silos // _COMPACT_FRACTION)
+        bounds.append(cap)
       num_active = jnp.sum(leaf_active, dtype=jnp.int32)
       branch = jnp.sum(num_active > np.array(bounds, np.int32), dtype=jnp.int32)
       leaf_counts.append(lax.switch(branch, branches))
