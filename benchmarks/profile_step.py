@@ -71,11 +71,11 @@ def last_step_kernels(events: list[dict[str, Any]]) -> tuple[float, collections.
 
 
 def profile(
-  size: str, silos: str, fraction: float, num_steps: int
+  size: str, silos: str, fraction: float, num_steps: int, gradients: str
 ) -> tuple[float, collections.Counter, int]:
   """Traces ``num_steps`` steady-state steps and summarises the last one."""
-  params, grads = selection.benchmark_inputs(size)
-  step, _ = selection.SteadyStateSteps(params, grads).step("ours", fraction, silos)
+  params, grads = selection.benchmark_inputs(size, gradients)
+  step, _ = selection.SteadyStateSteps(params, grads, gradients).step("ours", fraction, silos)
   jax.block_until_ready(step())
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -92,8 +92,11 @@ def main() -> tuple[float, collections.Counter, int]:
   parser.add_argument("--fraction", type=float, default=1e-2)
   parser.add_argument("--steps", type=int, default=3, help="steps traced; the last is reported")
   parser.add_argument("--top", type=int, default=30, help="kernels listed")
+  parser.add_argument("--gradients", default="repeated", choices=selection.GRADIENTS)
   args = parser.parse_args()
-  wall, seconds, num_threads = profile(args.size, args.silos, args.fraction, args.steps)
+  wall, seconds, num_threads = profile(
+    args.size, args.silos, args.fraction, args.steps, args.gradients
+  )
   print(
     f"{args.size} {args.silos} eps={args.fraction:g}: step {wall * 1e3:.1f} ms (profiler on), "
     f"kernels {sum(seconds.values()) * 1e3:.1f} ms on {num_threads} threads"

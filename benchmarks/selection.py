@@ -21,6 +21,7 @@ Run ``python benchmarks/selection.py --help`` for the subset flags.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -40,10 +41,15 @@ import optax
 import dst_optax
 
 LEARNING_RATE = 1e-3
-# Steps before timing: three with fresh gradients, then the timed one's, so the
-# threshold creeps as in steady training and the warm start has a trend.
+# Steps before timing, so that the warm start has a trend. With repeated gradients:
+# three fresh ones, then the timed one's; with noisy ones the cycle runs on.
 WARMUP_STEPS = 10
 NUM_GRADIENTS = 4
+# "repeated": the timed steps repeat one gradient, so adam's steps crowd Δ at one
+# learning rate (ties everywhere, the search's hard case). "noisy": a fixed
+# signal plus fresh noise of the same scale every step (cycling NUM_GRADIENTS
+# draws), as in training: Δ spreads out and the thresholds jitter.
+GRADIENTS = ("repeated", "noisy")
 METHODS = ("ours", "quantile", "top_k")
 SILO_KINDS = ("per_tensor", "rows")
 # d_model, d_ff, vocabulary, encoder layers = decoder layers; about 1M, 16M, 107M params.
@@ -95,10 +101,16 @@ def random_grads(params: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.
   }
 
 
-def benchmark_inputs(size: str) -> tuple[dict[str, jax.Array], list[dict[str, jax.Array]]]:
-  """The params named ``size`` and the gradients of the steady-state steps."""
+def benchmark_inputs(
+  size: str, gradients: str = "repeated"
+) -> tuple[dict[str, jax.Array], list[dict[str, jax.Array]]]:
+  """The params named ``size`` and the steady-state steps' gradients (see :data:`GRADIENTS`)."""
   params = benchmark_params(size, jax.random.key(0))
-  return params, [random_grads(params, jax.random.key(step)) for step in range(NUM_GRADIENTS)]
+  draws = [random_grads(params, jax.random.key(step)) for step in range(NUM_GRADIENTS)]
+  if gradients == "noisy":
+    signal = random_grads(params, jax.random.key(NUM_GRADIENTS))
+    draws = [jax.tree.map(jnp.add, signal, noise) for noise in draws]
+  return params, draws
 
 
 def _silo_axis(silo_kind: str, leaf: jax.Array) -> int | None:
@@ -160,10 +172,22 @@ def _optimizer(method: str, fraction: float, silo_kind: str) -> optax.GradientTr
 class SteadyStateSteps:
   """Compiles jitted updates (once per method, silo kind and, for baselines, ε)."""
 
-  def __init__(self, params: dict[str, jax.Array], grads: list[dict[str, jax.Array]]):
+  def __init__(
+    self,
+    params: dict[str, jax.Array],
+    grads: list[dict[str, jax.Array]],
+    gradients: str = "repeated",
+  ):
     self.params = params
     self.grads = grads
+    self.cycle_gradients = gradients == "noisy"
     self.compiled: dict[tuple[Any, ...], Any] = {}
+
+  def grads_at(self, step: int) -> dict[str, jax.Array]:
+    """The gradient of step ``step`` (0 = the first warm-up step)."""
+    if self.cycle_gradients:
+      return self.grads[step % len(self.grads)]
+    return self.grads[min(step, len(self.grads) - 1)]
 
   def step(self, method: str, fraction: float, silo_kind: str) -> tuple[Callable[[], Any], dict]:
     """A steady-state update (``ours``: state from earlier steps) and its memory."""
@@ -190,11 +214,12 @@ class SteadyStateSteps:
     compiled = self.compiled[key]
     if method == "ours":
       for step in range(WARMUP_STEPS):
-        current, state = compiled(current, state, self.grads[min(step, len(self.grads) - 1)])
+        current, state = compiled(current, state, self.grads_at(step))
     carry = [current, state]
+    step_numbers = itertools.count(WARMUP_STEPS)
 
     def step() -> Any:
-      carry[:] = compiled(carry[0], carry[1], self.grads[-1])
+      carry[:] = compiled(carry[0], carry[1], self.grads_at(next(step_numbers)))
       return carry
 
     jax.block_until_ready(step())
@@ -230,10 +255,10 @@ def interleaved_medians(
 def run(args: argparse.Namespace) -> dict[str, Any]:
   results = []
   for size in args.sizes:
-    params, grads = benchmark_inputs(size)
+    params, grads = benchmark_inputs(size, args.gradients)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    steps = SteadyStateSteps(params, grads)
+    steps = SteadyStateSteps(params, grads, args.gradients)
     adam_step, adam_info = steps.step("adam", 1.0, "per_tensor")
     print(
       f"\n{size}: {num_params / 1e6:.1f}M params in {len(params)} tensors "
@@ -281,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     },
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "repeats": args.repeats,
+    "gradients": args.gradients,
     "results": results,
   }
 
@@ -347,6 +373,12 @@ def main() -> None:
     help="ε at which the sort-based baselines run (slow)",
   )
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--gradients",
+    default="repeated",
+    choices=GRADIENTS,
+    help="repeated: one gradient every timed step (ties, the hard case); noisy: as in training",
+  )
   parser.add_argument(
     "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "selection"
   )

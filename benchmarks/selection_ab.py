@@ -65,10 +65,10 @@ def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
   variants = {"base": base, "ours": None}
   for size in args.sizes:
     # The tables' inputs, so that both runs measure the same steps.
-    params, grads = selection.benchmark_inputs(size)
+    params, grads = selection.benchmark_inputs(size, args.gradients)
     adam_step, _ = selection.SteadyStateSteps(params, grads).step("adam", 1.0, "per_tensor")
     # One cache per variant: each compiles once per silo kind (ε is injected).
-    steps = {name: selection.SteadyStateSteps(params, grads) for name in variants}
+    steps = {name: selection.SteadyStateSteps(params, grads, args.gradients) for name in variants}
     for silo_kind in args.silos:
       for fraction in args.fractions:
         timed, passes = [], {}
@@ -157,6 +157,7 @@ def main() -> dict[str, dict[str, Any]]:
   parser.add_argument("--fractions", nargs="+", type=float, default=[1e-4, 1e-2, 0.1])
   parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--training-steps", type=int, default=30)
+  parser.add_argument("--gradients", default="repeated", choices=selection.GRADIENTS)
   args = parser.parse_args()
   warnings.filterwarnings("ignore", message="fraction_of_free_params=")
   base = selection_module_at(args.base)

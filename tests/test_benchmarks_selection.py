@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 _BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
@@ -28,9 +29,10 @@ def test_small_run_writes_every_reported_quantity(tmp_path, monkeypatch):
   out = tmp_path / "selection"
   sizes_and_silos = ["--sizes", "1M", "--silos", "per_tensor", "rows"]
   flags = [*sizes_and_silos, "--fractions", "1e-2", "--repeats", "1", "--out", str(out)]
-  monkeypatch.setattr(sys, "argv", ["selection.py", *flags])
+  monkeypatch.setattr(sys, "argv", ["selection.py", *flags, "--gradients", "noisy"])
   selection_benchmark.main()
   report = json.loads(out.with_suffix(".json").read_text())
+  assert report["gradients"] == "noisy"
   assert out.with_suffix(".png").stat().st_size > 0
   assert [(row["size"], row["silos"]) for row in report["results"]] == [
     ("1M", "per_tensor"),
@@ -44,6 +46,26 @@ def test_small_run_writes_every_reported_quantity(tmp_path, monkeypatch):
     # search plus a miss; the state adds at most per-silo vectors to the params.
     assert 1 <= row["ours_passes"] <= 20
     assert 0 < row["dst_state_bytes_per_param_byte"] < 1.1
+
+
+def test_noisy_gradients_change_every_step_around_one_signal():
+  params, repeated = selection_benchmark.benchmark_inputs("1M", "repeated")
+  _, noisy = selection_benchmark.benchmark_inputs("1M", "noisy")
+  count = selection_benchmark.NUM_GRADIENTS
+  noisy_steps = selection_benchmark.SteadyStateSteps(params, noisy, "noisy")
+  assert all(noisy_steps.grads_at(step) is noisy[step % count] for step in range(3 * count))
+  # Repeated: fresh draws while warming up, then the last one for good.
+  repeated_steps = selection_benchmark.SteadyStateSteps(params, repeated, "repeated")
+  assert [repeated_steps.grads_at(step) is repeated[-1] for step in range(2 * count)] == [
+    step >= count - 1 for step in range(2 * count)
+  ]
+  # The noisy draws are one shared signal plus the repeated mode's draws as noise.
+  for name, leaf in params.items():
+    np.testing.assert_allclose(
+      noisy[1][name] - noisy[0][name], repeated[1][name] - repeated[0][name], atol=1e-7
+    )
+    assert not np.allclose(noisy[0][name], repeated[0][name])
+    assert leaf.shape == noisy[0][name].shape
 
 
 @pytest.mark.slow
