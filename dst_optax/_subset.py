@@ -252,16 +252,24 @@ def tensor_subset(path: str, seed: Any, projected: Any, budget: LeafBudget) -> T
   return TensorSubset(indices, values, shape, budget.budget, budget.silo, tensor_fingerprint(seed))
 
 
-def check_seed(seed_leaves: Mapping[str, Any], subset: Subset, fingerprints: Mapping[str, str]):
+def check_seed(
+  seed: optax.Params, subset: Subset, fingerprints: Mapping[str, str] | None = None
+) -> None:
   """Raises :class:`SubsetError` unless the subset was extracted against this seed.
 
   Args:
-    seed_leaves: the seed's leaves by path (:func:`named_leaves`).
+    seed: the seed parameters (NumPy or JAX leaves).
     subset: the subset.
-    fingerprints: :func:`tensor_fingerprint` of the seed leaves by path; leaves
-      missing here are fingerprinted on demand. Pass precomputed ones to check
-      many subsets against one seed cheaply.
+    fingerprints: optional :func:`seed_fingerprints` of the seed; leaves missing
+      here are fingerprinted on demand. Pass precomputed ones to check many
+      subsets against one seed cheaply.
+
+  Raises:
+    SubsetError: naming the first leaf whose path, shape, dtype or fingerprint
+      does not match.
   """
+  seed_leaves = named_leaves(seed)
+  fingerprints = fingerprints or {}
   missing = sorted(subset.tensors.keys() - seed_leaves.keys())
   extra = sorted(seed_leaves.keys() - subset.tensors.keys())
   if missing or extra:
@@ -336,7 +344,7 @@ def apply_subset(
     SubsetError: if the subset does not belong to this seed.
   """
   if verify:
-    check_seed(named_leaves(seed), subset, fingerprints or {})
+    check_seed(seed, subset, fingerprints)
   return _map_named(seed, lambda path, leaf: _patched_leaf(leaf, subset.tensors[path]))
 
 
@@ -559,7 +567,7 @@ def switch_subset(
   copy of the seed as ``params`` and no ``old``::
 
     fingerprints = dst_optax.seed_fingerprints(seed)        # once
-    for subset in subsets: dst_optax.check_seed(..., subset, fingerprints)
+    for subset in subsets: dst_optax.check_seed(seed, subset, fingerprints)
     params = switch_subset(jax.tree.map(jnp.copy, seed), seed, task_a)
     params = switch_subset(params, seed, task_b, old=task_a)
 

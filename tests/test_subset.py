@@ -228,6 +228,9 @@ def test_extract_from_state_before_first_step_fails():
 def test_wrong_seed_is_rejected_naming_the_leaf(mutate, message):
   seed, finetuned = make_model(np.random.default_rng(4), np.float32)
   subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
+  dst_optax.check_seed(seed, subset)
+  with pytest.raises(_subset.SubsetError, match=message):
+    dst_optax.check_seed(mutate(seed), subset)
   with pytest.raises(_subset.SubsetError, match=message):
     _subset.apply_subset(mutate(seed), subset)
 
@@ -308,7 +311,10 @@ def test_precomputed_fingerprints_are_used_for_checks():
   seed, finetuned = make_model(np.random.default_rng(10), np.float32)
   subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
   fingerprints = _subset.seed_fingerprints(seed)
+  dst_optax.check_seed(jax.tree.map(jnp.asarray, seed), subset, fingerprints)
   fingerprints["head"] = "0" * 32
+  with pytest.raises(_subset.SubsetError, match="'head'"):
+    dst_optax.check_seed(seed, subset, fingerprints)
   with pytest.raises(_subset.SubsetError, match="'head'"):
     _subset.apply_subset(seed, subset, fingerprints=fingerprints)
 
