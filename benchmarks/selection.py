@@ -101,10 +101,17 @@ def random_grads(params: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.
   }
 
 
+def check_gradients(gradients: str) -> str:
+  if gradients not in GRADIENTS:
+    raise ValueError(f"gradients must be one of {GRADIENTS}; got {gradients!r}")
+  return gradients
+
+
 def benchmark_inputs(
   size: str, gradients: str = "repeated"
 ) -> tuple[dict[str, jax.Array], list[dict[str, jax.Array]]]:
   """The params named ``size`` and the steady-state steps' gradients (see :data:`GRADIENTS`)."""
+  check_gradients(gradients)
   params = benchmark_params(size, jax.random.key(0))
   draws = [random_grads(params, jax.random.key(step)) for step in range(NUM_GRADIENTS)]
   if gradients == "noisy":
@@ -180,7 +187,7 @@ class SteadyStateSteps:
   ):
     self.params = params
     self.grads = grads
-    self.cycle_gradients = gradients == "noisy"
+    self.cycle_gradients = check_gradients(gradients) == "noisy"
     self.compiled: dict[tuple[Any, ...], Any] = {}
 
   def grads_at(self, step: int) -> dict[str, jax.Array]:

@@ -66,6 +66,8 @@ def test_noisy_gradients_change_every_step_around_one_signal():
     )
     assert not np.allclose(noisy[0][name], repeated[0][name])
     assert leaf.shape == noisy[0][name].shape
+  with pytest.raises(ValueError, match="gradients must be one of .* got 'nosy'"):
+    selection_benchmark.SteadyStateSteps(params, noisy, "nosy")
 
 
 @pytest.mark.slow
