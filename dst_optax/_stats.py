@@ -40,9 +40,9 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     ``churn`` ((entered + exited) / max(changed, 1)), ``frozen_silos`` (silos with a
     zero budget), ``search_passes`` (passes over Δ the last threshold search took,
     i.e. the selection's cost; a few when the threshold moves predictably, 11 from a
-    cold start, a few more than that when a silo's threshold jumps far outside its warm
-    window (12-14 for the slowest of 50K row silos in a real fine-tuning); the slowest
-    silo sets it) and ``step``.
+    cold start, possibly more when a silo's threshold jumps far outside its warm window;
+    the slowest silo sets it: 10-12 in most steps of a real fine-tuning with 51,772 row
+    silos) and ``step``.
   """
   state = find_state(opt_state)
   total = lambda per_silo: jnp.sum(per_silo, dtype=jnp.int32)
