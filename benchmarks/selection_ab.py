@@ -1,14 +1,16 @@
 """Same-process A/B of the selection code against another git revision's.
 
-Loads ``dst_optax/_selection.py`` as it was at ``--base`` (``git show``) and, for each
-size, silo kind and ε, compiles adam + DST twice, with that module and with the working
-tree's, and times both interleaved with adam alone (medians of ``--repeats``). On a
-shared machine host noise moves whole rows of a table; timed side by side in one process
-it moves both variants alike. Then a short adamw run on a small tree with noisy gradients
-checks that both variants select the same sets (the params stay bit-identical) and counts
-the search passes each took::
+Loads ``dst_optax/_selection.py`` and ``dst_optax/_transform.py`` as they were at
+``--base`` (``git show``) and, for each size, silo kind and ε, compiles adam + DST twice,
+with those modules and with the working tree's, and times both interleaved with adam
+alone (medians of ``--repeats``). On a shared machine host noise moves whole rows of a
+table; timed side by side in one process it moves both variants alike. Then a short adamw
+run on a small tree with noisy gradients checks that both variants select the same sets
+(the params stay bit-identical) and counts the search passes each took::
 
   python benchmarks/selection_ab.py --base 7471f8e
+
+The base's transformation must keep the working tree's state fields.
 """
 
 from __future__ import annotations
@@ -32,32 +34,38 @@ import dst_optax
 from dst_optax import _transform
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_SELECTION_PATH = "dst_optax/_selection.py"
 
 
-def selection_module_at(revision: str) -> types.ModuleType:
-  """``dst_optax/_selection.py`` as committed at ``revision``, as a fresh module."""
+def module_at(revision: str, path: str) -> types.ModuleType:
+  """The library module at ``path`` as committed at ``revision``, as a fresh module."""
   source = subprocess.run(
-    ["git", "show", f"{revision}:{_SELECTION_PATH}"],
-    cwd=_REPO,
-    capture_output=True,
-    text=True,
-    check=True,
+    ["git", "show", f"{revision}:{path}"], cwd=_REPO, capture_output=True, text=True, check=True
   ).stdout
-  module = types.ModuleType(f"selection_at_{revision}")
-  exec(compile(source, f"{revision}:{_SELECTION_PATH}", "exec"), module.__dict__)
+  module = types.ModuleType(f"{pathlib.Path(path).stem}_at_{revision}")
+  exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
   return module
 
 
+def transformation_at(revision: str) -> types.ModuleType:
+  """``_transform`` at ``revision``, selecting with ``_selection`` at ``revision``.
+
+  Its state type is the working tree's, so that ``dst_optax.find_state`` finds it.
+  """
+  transform = module_at(revision, "dst_optax/_transform.py")
+  transform._selection = module_at(revision, "dst_optax/_selection.py")
+  transform.DynamicSubsetTuningState = _transform.DynamicSubsetTuningState
+  return transform
+
+
 @contextlib.contextmanager
-def selection_code(module: types.ModuleType | None) -> Iterator[None]:
-  """Traces the transformation with ``module`` as its selection (``None``: the working tree's)."""
-  saved = _transform._selection
-  _transform._selection = module or saved
+def selection_code(transform: types.ModuleType | None) -> Iterator[None]:
+  """Builds DST from ``transform`` (``None``: the working tree's)."""
+  saved = dst_optax.dynamic_subset_tuning
+  dst_optax.dynamic_subset_tuning = (transform or _transform).dynamic_subset_tuning
   try:
     yield
   finally:
-    _transform._selection = saved
+    dst_optax.dynamic_subset_tuning = saved
 
 
 def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
@@ -160,7 +168,7 @@ def main() -> dict[str, dict[str, Any]]:
   parser.add_argument("--gradients", default="repeated", choices=selection.GRADIENTS)
   args = parser.parse_args()
   warnings.filterwarnings("ignore", message="fraction_of_free_params=")
-  base = selection_module_at(args.base)
+  base = transformation_at(args.base)
   time_side_by_side(args, base)
   return compare_training(base, args.training_steps)
 
