@@ -217,7 +217,7 @@ def _join_silos(per_leaf: list[jax.Array | None], layout: SiloLayout) -> jax.Arr
 
 
 def count_per_silo(
-  flags: list[tuple[jax.Array, ...] | None], layout: SiloLayout
+  flags: tuple[list[jax.Array | None], ...], layout: SiloLayout
 ) -> tuple[jax.Array, ...]:
   """Counts, per silo, the true entries of several flag arrays in one pass.
 
@@ -225,18 +225,20 @@ def count_per_silo(
   computes them), which on CPU is several times faster than a sum per flag.
 
   Args:
-    flags: per leaf a tuple of bool arrays shaped like the leaf (the same number
-      for every leaf), or ``None`` for unconstrained leaves.
+    flags: per kind of flag, per leaf a bool array shaped like the leaf, or
+      ``None`` for unconstrained leaves.
     layout: the silo layout.
 
   Returns:
-    One ``(num_silos,)`` int32 count per flag array.
+    One ``(num_silos,)`` int32 count per kind of flag.
   """
+  if layout.num_silos == 0:
+    return tuple(jnp.zeros(0, jnp.int32) for _ in flags)
   counts = [
     None
     if leaf is None
     else jnp.stack(_silo_sums(tuple(flag.astype(jnp.int32) for flag in leaf_flags), leaf), axis=1)
-    for leaf_flags, leaf in zip(flags, layout.leaves, strict=True)
+    for leaf, *leaf_flags in zip(layout.leaves, *flags, strict=True)
   ]
   return tuple(_join_silos(counts, layout).T)
 
@@ -564,6 +566,9 @@ def select_top_k(
     The :class:`Selection`: exactly ``min(k_S, #{Δ > 0})`` coordinates per silo,
     ties at the threshold to the lowest positions in silo order.
   """
+  if layout.num_silos == 0:
+    no_silos = jnp.zeros(0, jnp.int32)
+    return Selection([None] * len(keys), no_silos.astype(jnp.float32), no_silos, jnp.int32(0))
   shapes = [None if k is None else k.shape for k in keys]
   silo_bases = _leaf_silo_bases(layout, shapes)
   budgets = jnp.asarray(budgets, jnp.int32)

@@ -331,3 +331,14 @@ def warn_if_frozen(layout: SiloLayout, fraction_of_free_params: Any) -> None:
     report = layout.frozen_silo_report(float(fraction_of_free_params))
     if report:
       warnings.warn(report, stacklevel=3)
+
+
+def warn_if_unconstrained(layout: SiloLayout) -> None:
+  """Warns when no coordinate is constrained, so that every update passes through."""
+  if layout.num_silos == 0:
+    warnings.warn(
+      f"dynamic_subset_tuning constrains no coordinate of these params (leaves "
+      f"{list(layout.paths)}: each masked out, Unconstrained, non-float or empty), so every "
+      "update passes through unchanged.",
+      stacklevel=3,
+    )

@@ -194,6 +194,7 @@ def dynamic_subset_tuning(
 
   def init_fn(params: optax.Params) -> DynamicSubsetTuningState:
     layout = _silos.build_layout(params, silos, mask)
+    _silos.warn_if_unconstrained(layout)
     if not callable(fraction_of_free_params):
       _silos.warn_if_frozen(layout, fraction_of_free_params)
     # A fresh array per field: a state sharing buffers cannot be donated.
@@ -276,9 +277,7 @@ def dynamic_subset_tuning(
       None if keep is None else member & ~keep
       for keep, member in zip(selection.masks, was_member, strict=True)
     ]
-    num_entered, num_exited = _selection.count_per_silo(
-      [None if e is None else (e, x) for e, x in zip(entered, exited, strict=True)], layout
-    )
+    num_entered, num_exited = _selection.count_per_silo((entered, exited), layout)
     # The counts read the params, whose donated buffers the caller's
     # `apply_updates` overwrites. Making the updates depend on the counts (by an
     # always-true test XLA cannot fold) schedules the counting first; otherwise

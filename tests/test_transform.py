@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import chex
 import jax
@@ -497,6 +498,36 @@ def test_user_distance_callable_is_used():
   np.testing.assert_array_equal(updates["w"] != 0, [True, False, False, False])
 
 
+@pytest.mark.parametrize(
+  ("params", "mask", "leaves"),
+  [
+    ({}, None, "[]"),
+    ({"w": jnp.ones((4, 3))}, False, "['w']"),
+    ({"ids": jnp.arange(3), "w": jnp.ones((4, 3))}, {"ids": True, "w": False}, "['ids', 'w']"),
+    ({"w": jnp.ones((0, 3))}, None, "['w']"),
+  ],
+  ids=["empty tree", "all masked", "int and masked", "empty leaf"],
+)
+def test_nothing_constrained_passes_every_update_through(params, mask, leaves):
+  """With no coordinate to constrain, DST is the identity, and says so at init."""
+  tx = optax.chain(optax.adam(0.1), dst_optax.dynamic_subset_tuning(0.1, mask=mask))
+  warning = re.escape(f"no coordinate of these params (leaves {leaves}")
+  with pytest.warns(UserWarning, match=warning):
+    state = tx.init(params)
+  base = optax.adam(0.1)
+  base_state = base.init(params)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    want, base_state = jax.jit(base.update)(grads, base_state, params)
+    chex.assert_trees_all_equal(updates, want)
+  stats = dst_optax.subset_stats(state)
+  assert int(stats["step"]) == 2
+  assert [int(stats[name]) for name in ("changed", "budget", "entered", "search_passes")] == [0] * 4
+  moved = jax.tree.map(lambda p: p + 1, params)
+  chex.assert_trees_all_equal(dst_optax.project_to_budget(moved, params, 0.1, mask=mask), moved)
+
+
 def test_stats_track_entries_and_exits():
   params = {"w": jnp.zeros(8)}
   tx = dst_optax.dynamic_subset_tuning(0.25)  # two free coordinates
@@ -594,6 +625,6 @@ def test_budget_holds_when_compiled_with_the_base_optimizer(spec_kind, base):
   dst_state = dst_optax.find_state(state)
   changed = as_tree([u != 0 for u in from_tree(updates)])
   layout = _silos.build_layout(params, silos, None)
-  counts = _selection.count_per_silo([(c,) for c in from_tree(changed)], layout)[0]
+  counts = _selection.count_per_silo((from_tree(changed),), layout)[0]
   np.testing.assert_array_equal(counts, dst_state.num_changed)
   assert np.all(np.asarray(counts) <= np.asarray(dst_state.budget))
