@@ -178,8 +178,9 @@ def dynamic_subset_tuning(
     distance: ``"absolute"`` (default), ``"relative"`` or a callable
       ``d(candidate, proposal, seed)`` returning elementwise non-negative values.
     mask: optional tree (prefix) of bools or a callable ``params -> tree``, as in
-      ``optax.masked``; ``False`` leaves pass through unconstrained. Non-float
-      leaves always pass through.
+      ``optax.masked``; ``False`` leaves pass through unconstrained. Leaves not
+      of a real floating dtype (integer, bool, complex) always pass through; if
+      no coordinate is left to constrain, every update does and ``init`` warns.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -223,6 +224,8 @@ def dynamic_subset_tuning(
       )
     _check_same_structure("updates", updates, params)
     _check_same_structure("state.seed", state.seed, params)
+    # Python scalars are valid leaves in optax; as arrays they have a dtype.
+    updates, params = jax.tree.map(jnp.asarray, (updates, params))
     layout = _silos.build_layout(params, silos, mask)
     if state.threshold.shape != (layout.num_silos,):
       raise ValueError(

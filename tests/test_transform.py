@@ -528,6 +528,17 @@ def test_nothing_constrained_passes_every_update_through(params, mask, leaves):
   chex.assert_trees_all_equal(dst_optax.project_to_budget(moved, params, 0.1, mask=mask), moved)
 
 
+def test_python_scalar_leaves_work_eagerly_and_jitted():
+  """optax accepts Python numbers as leaves; so does DST, eagerly as under jit."""
+  params = {"scale": 1.0, "w": jnp.arange(8.0)}
+  grads = {"scale": 0.5, "w": jnp.linspace(-1.0, 1.0, 8)}
+  tx = optax.chain(optax.sgd(0.1), dst_optax.dynamic_subset_tuning(0.25, silos=dst_optax.Global()))
+  eager, _ = tx.update(grads, tx.init(params), params)
+  jitted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_equal(eager, jitted)
+  assert int(jnp.sum(eager["w"] != 0)) + int(eager["scale"] != 0) == 2
+
+
 def test_stats_track_entries_and_exits():
   params = {"w": jnp.zeros(8)}
   tx = dst_optax.dynamic_subset_tuning(0.25)  # two free coordinates
