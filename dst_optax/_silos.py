@@ -239,6 +239,11 @@ def _mask_per_leaf(mask: Any, params: optax.Params) -> list[bool]:
     params,
     "`mask` must match (a prefix of) the parameter tree; it does not",
   )
+  paths = [path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for path, flag in zip(paths, flags, strict=True):
+    # Truthiness would take any object (a string, a traced array) for a flag.
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"`mask` must give a Python bool for leaf {path!r}; got {flag!r}")
   return [bool(flag) for flag in flags]
 
 

@@ -68,6 +68,14 @@ def test_spec_tree_and_mask_must_match_the_params():
     _silos.build_layout(PARAMS, dst_optax.PerTensor(), mask={"a": True})
 
 
+@pytest.mark.parametrize("flag", ["no", jnp.array([True, False]), 1], ids=repr)
+def test_mask_flags_must_be_bools(flag):
+  """Any object is truthy or not; a mask of anything but bools is refused, naming the leaf."""
+  mask = lambda params: {**{key: True for key in params}, "b": flag}
+  with pytest.raises(TypeError, match=r"`mask` must give a Python bool for leaf 'b'"):
+    _silos.build_layout(PARAMS, dst_optax.PerTensor(), mask=mask)
+
+
 def test_frozen_silo_report_names_leaves():
   layout = _silos.build_layout(
     PARAMS, {"a": dst_optax.rows(), "b": dst_optax.PerTensor(), "ids": dst_optax.Unconstrained()}
