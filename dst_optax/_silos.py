@@ -160,10 +160,17 @@ class SiloLayout(NamedTuple):
       return jnp.clip(budgets, 0, self.silo_sizes).astype(jnp.int32)
     return jnp.asarray(self.concrete_budgets(float(fraction_of_free_params)), dtype=jnp.int32)
 
-  def concrete_budgets(self, fraction_of_free_params: float) -> np.ndarray:
-    """Per-silo budgets for a concrete ε, in NumPy (float64), usable while tracing."""
-    fractions = np.minimum(fraction_of_free_params * self.budget_scales, 1.0)
-    return np.floor(fractions * self.silo_sizes).astype(np.int64)
+  def concrete_budgets(
+    self, fraction_of_free_params: float, dtype: type[np.floating] = np.float64
+  ) -> np.ndarray:
+    """Per-silo budgets for a concrete ε, in NumPy, usable while tracing.
+
+    Computed in ``dtype``: float64, as for a concrete ε, or float32, as a
+    traced ε gives them.
+    """
+    fraction = np.asarray(fraction_of_free_params, dtype)
+    fractions = np.minimum(fraction * self.budget_scales.astype(dtype), dtype(1.0))
+    return np.floor(fractions * self.silo_sizes.astype(dtype)).astype(np.int64)
 
   def frozen_silo_report(self, fraction_of_free_params: float) -> str | None:
     """Describes the leaves whose silos get a zero budget, or ``None``."""

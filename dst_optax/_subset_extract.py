@@ -403,14 +403,36 @@ def extract_subset_from_state(
     params: the fine-tuned parameters.
     state: the :class:`dst_optax.DynamicSubsetTuningState` of the run (e.g. from
       :func:`dst_optax.find_state`); it must have taken at least one step.
-    fraction_of_free_params, silos, distance, mask: as used in training.
+    fraction_of_free_params, silos, distance, mask: as used in training (ε as
+      at the last step).
 
   Returns:
     The :class:`Subset`.
+
+  Raises:
+    SubsetError: if the state has taken no step, or if ``fraction_of_free_params``,
+      ``silos`` and ``mask`` give other per-silo budgets than the last step had
+      (the subset would silently drop coordinates training changed, or count
+      others); :func:`extract_subset` with ``state.seed`` takes any ε.
   """
   if int(np.asarray(state.count)) == 0:
     raise SubsetError(
       "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
       "the first update)"
+    )
+  layout = _silos.build_layout(params, silos, mask)
+  budgets = layout.concrete_budgets(float(fraction_of_free_params))
+  trained = np.asarray(state.budget)
+  # An injected or scheduled ε gave float32 budgets, which can be one lower.
+  as_traced = layout.concrete_budgets(float(fraction_of_free_params), np.float32)
+  if budgets.shape != trained.shape or not (
+    np.array_equal(budgets, trained) or np.array_equal(as_traced, trained)
+  ):
+    raise SubsetError(
+      f"ε = {fraction_of_free_params!r} with silos {silos_description(silos)} and this mask "
+      f"gives {budgets.size} silos with {int(budgets.sum())} free coordinates in all, but the "
+      f"DST state's last step had {trained.size} silos with {int(trained.sum())}: pass the "
+      "ε, silos and mask of training (or call extract_subset with state.seed to choose "
+      "another budget)"
     )
   return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)

@@ -209,6 +209,28 @@ def test_extract_from_dst_training_state():
     assert 0 < subset.tensors[path].num_changed <= subset.tensors[path].budget
 
 
+def test_extract_from_state_needs_the_budgets_of_training():
+  """Another ε, silo spec or mask than training's would drop or admit changes silently."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 100).reshape(10, 10), "b": jnp.zeros(10)}
+  # ε = 0.53 of 100 coordinates: 53 in float64, 52 in float32 (as injected).
+  injected = optax.inject_hyperparams(dst_optax.dynamic_subset_tuning, static_args=("silos",))
+  tx = optax.chain(optax.sgd(0.1), injected(fraction_of_free_params=0.53))
+  opt_state = tx.init(params)
+  updates, opt_state = jax.jit(tx.update)(jax.tree.map(jnp.cos, params), opt_state, params)
+  params = optax.apply_updates(params, updates)
+  state = dst_optax.find_state(opt_state)
+  assert int(state.budget.sum()) == 52 + 5
+  subset = _subset_extract.extract_subset_from_state(params, state, 0.53)
+  assert subset.tensors["w"].num_changed == 52
+  for fraction, silos, mask in [
+    (0.5, dst_optax.PerTensor(), None),
+    (0.53, dst_optax.rows(), None),
+    (0.53, dst_optax.PerTensor(), {"w": True, "b": False}),
+  ]:
+    with pytest.raises(_subset.SubsetError, match="pass the ε, silos and mask of training"):
+      _subset_extract.extract_subset_from_state(params, state, fraction, silos, mask=mask)
+
+
 def test_extract_from_state_before_first_step_fails():
   seed, _ = make_model(np.random.default_rng(3), np.float32)
   state = dst_optax.dynamic_subset_tuning(0.1).init(seed)
