@@ -86,6 +86,8 @@ SiloSpec: TypeAlias = PerTensor | PerSlice | Group | Unconstrained
 SiloSpecFn: TypeAlias = Callable[[tuple[Any, ...], jax.Array], SiloSpec]
 Silos: TypeAlias = SiloSpec | SiloSpecFn | Any  # Any: a pytree (prefix) of specs.
 _SPEC_TYPES = (PerTensor, PerSlice, Group, Unconstrained)
+# Selection counts in int32 and breaks ties by positions below 2^31 − 1.
+MAX_SILO_SIZE = 2**31 - 2
 
 
 def rows(budget_scale: float = 1.0) -> PerSlice:
@@ -321,6 +323,19 @@ def build_layout(params: optax.Params, silos: Silos, mask: Any = None) -> SiloLa
       leaves.append(LeafSilos(None, len(sizes), 1))
       sizes.append(math.prod(shape))
       scales.append(scale)
+  if sizes and max(sizes) > MAX_SILO_SIZE:
+    silo = int(np.argmax(sizes))
+    owner = next(
+      path
+      for path, leaf in zip(paths, leaves, strict=True)
+      if leaf is not None and leaf.offset <= silo < leaf.offset + leaf.num_silos
+    )
+    group = next((f"group {name!r}" for name, offset in groups.items() if offset == silo), None)
+    raise ValueError(
+      f"the silo of {group or f'leaf {owner!r}'} has {max(sizes):,} coordinates, more than "
+      f"selection counts in one silo ({MAX_SILO_SIZE:,}, int32): split it, e.g. into Group "
+      "silos per layer (dst_optax.layer_groups) or rows"
+    )
   shared = any(
     sum(1 for leaf in leaves if leaf is not None and leaf.offset == offset) > 1
     for offset in groups.values()

@@ -89,3 +89,29 @@ def test_path_names():
   tree = {"layer": [{"w": 1}], "x": 2}
   names = [_silos.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
   assert names == ["layer/0/w", "x"]
+
+
+@pytest.mark.parametrize(
+  ("params", "silos", "owner"),
+  [
+    (
+      {"emb": jax.ShapeDtypeStruct((50_000, 50_000), jnp.float32)},
+      dst_optax.PerTensor(),
+      "leaf 'emb'",
+    ),
+    (
+      {name: jax.ShapeDtypeStruct((40_000, 30_000), jnp.bfloat16) for name in ("a", "b")},
+      dst_optax.Global(),
+      "group 'global'",
+    ),
+  ],
+  ids=["tensor", "global"],
+)
+def test_silos_beyond_int32_counts_are_refused(params, silos, owner):
+  """Selection counts in int32: a larger silo would wrap silently, so it is an error."""
+  with pytest.raises(ValueError, match=f"the silo of {owner} has 2,[45]00,000,000 coordinates"):
+    _silos.build_layout(params, silos)
+  # Split into rows, the same params are fine.
+  assert _silos.build_layout(params, dst_optax.rows()).num_silos == sum(
+    leaf.shape[0] for leaf in params.values()
+  )
