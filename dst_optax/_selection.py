@@ -565,7 +565,39 @@ def select_top_k(
   Returns:
     The :class:`Selection`: exactly ``min(k_S, #{Δ > 0})`` coordinates per silo,
     ties at the threshold to the lowest positions in silo order.
+
+  Under ``jax.vmap`` the members are selected one after another (``lax.map``):
+  batched, the conditionals become selects that compute both branches, and a
+  compiler may then rebuild the keys for the masks outside the one array the
+  search counted, rounding them differently (see below).
   """
+
+  @jax.custom_batching.custom_vmap
+  def select(keys: list[jax.Array | None], budgets: jax.Array, warm_start: WarmStart | None):
+    return _select_top_k(keys, layout, budgets, warm_start)
+
+  @select.def_vmap
+  def select_each(axis_size: int, in_batched: tuple, *args) -> tuple[Selection, Selection]:
+    per_member = jax.tree.map(
+      lambda value, batched: (
+        value if batched else jnp.broadcast_to(value, (axis_size, *value.shape))
+      ),
+      tuple(args),
+      tuple(in_batched),
+    )
+    selections = lax.map(lambda member_args: select(*member_args), per_member)
+    return selections, jax.tree.map(lambda _: True, selections)
+
+  return select(keys, jnp.asarray(budgets, jnp.int32), warm_start)
+
+
+def _select_top_k(
+  keys: list[jax.Array | None],
+  layout: SiloLayout,
+  budgets: jax.Array,
+  warm_start: WarmStart | None,
+) -> Selection:
+  """:func:`select_top_k` of one set of keys."""
   if layout.num_silos == 0:
     no_silos = jnp.zeros(0, jnp.int32)
     return Selection([None] * len(keys), no_silos.astype(jnp.float32), no_silos, jnp.int32(0))
