@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from dst_optax._silos import Group, PerTensor, SiloSpec, path_name
+from dst_optax._silos import SPEC_TYPES, Group, PerTensor, SiloSpec, path_name
 
 _DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:layers?|blocks?|h)[_./]?(\d+)(?:/|$)"
 
@@ -79,6 +79,10 @@ def layer_groups(
   Returns:
     A pytree of silo specs shaped like ``params``.
   """
+  if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+    raise ValueError(f"num_groups must be a positive int; got {num_groups!r}")
+  if not isinstance(other, SPEC_TYPES):
+    raise TypeError(f"other must be a silo spec (PerTensor, PerSlice, ...); got {other!r}")
   if pattern not in _GROUP_WEIGHTS:
     raise ValueError(f"unknown pattern {pattern!r}; use one of {sorted(_GROUP_WEIGHTS)}")
   if allocation not in ("uniform", "proportional"):

@@ -85,7 +85,7 @@ class Unconstrained:
 SiloSpec: TypeAlias = PerTensor | PerSlice | Group | Unconstrained
 SiloSpecFn: TypeAlias = Callable[[tuple[Any, ...], jax.Array], SiloSpec]
 Silos: TypeAlias = SiloSpec | SiloSpecFn | Any  # Any: a pytree (prefix) of specs.
-_SPEC_TYPES = (PerTensor, PerSlice, Group, Unconstrained)
+SPEC_TYPES = (PerTensor, PerSlice, Group, Unconstrained)
 # Selection counts in int32 and breaks ties by positions below 2^31 − 1.
 MAX_SILO_SIZE = 2**31 - 2
 
@@ -193,7 +193,7 @@ class SiloLayout(NamedTuple):
 
 
 def _is_spec(value: Any) -> bool:
-  return isinstance(value, _SPEC_TYPES)
+  return isinstance(value, SPEC_TYPES)
 
 
 def _broadcast_prefix(

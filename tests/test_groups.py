@@ -61,6 +61,17 @@ def test_too_few_layers_is_a_clear_error():
     dst_optax.layer_groups(stack(12), pattern="diamond")
 
 
+@pytest.mark.parametrize("num_groups", [0, -2, 2.5, True], ids=repr)
+def test_group_count_must_be_a_positive_int(num_groups):
+  with pytest.raises(ValueError, match=f"num_groups must be a positive int; got {num_groups!r}"):
+    dst_optax.layer_groups(stack(12), num_groups=num_groups)
+
+
+def test_spec_for_other_leaves_must_be_a_spec():
+  with pytest.raises(TypeError, match="other must be a silo spec"):
+    dst_optax.layer_groups(stack(12), other="rows")
+
+
 def test_groups_train_within_budget():
   params = stack(8)
   tx = optax.chain(
