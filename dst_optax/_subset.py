@@ -348,18 +348,34 @@ def apply_subset(
   return _map_named(seed, lambda path, leaf: _patched_leaf(leaf, subset.tensors[path]))
 
 
-def revert_subset(params: optax.Params, seed: optax.Params, subset: Subset) -> optax.Params:
+def revert_subset(
+  params: optax.Params,
+  seed: optax.Params,
+  subset: Subset,
+  verify: bool = True,
+  fingerprints: Mapping[str, str] | None = None,
+) -> optax.Params:
   """Undoes :func:`apply_subset`: sets the subset's coordinates back to the seed.
 
   Args:
     params: parameters with the subset applied.
     seed: the seed the subset was applied to.
     subset: the subset.
+    verify: check the seed as :func:`apply_subset` does, and that ``params``
+      hold the subset's values (bitwise) at its coordinates.
+    fingerprints: optional precomputed :func:`seed_fingerprints` of the seed.
 
   Returns:
     ``params`` with every coordinate the subset stores taken from ``seed``; equal
     to ``seed`` bitwise when ``params = apply_subset(seed, subset)``.
+
+  Raises:
+    SubsetError: if the subset does not belong to this seed, or (when
+      verifying) ``params`` do not hold it, naming the leaf and a coordinate.
   """
+  if verify:
+    check_seed(seed, subset, fingerprints)
+    _check_holds(params, subset)
   seed_leaves = named_leaves(seed)
 
   def revert(path: str, leaf: Any) -> Any:
@@ -370,6 +386,38 @@ def revert_subset(params: optax.Params, seed: optax.Params, subset: Subset) -> o
     return _scatter(leaf, tensor.indices, np.asarray(seed_leaf).reshape(-1)[tensor.indices])
 
   return _map_named(params, revert)
+
+
+def _check_holds(params: optax.Params, subset: Subset) -> None:
+  """Raises :class:`SubsetError` unless ``params`` hold the subset's values bitwise."""
+  param_leaves = named_leaves(params)
+  missing = sorted(subset.tensors.keys() - param_leaves.keys())
+  extra = sorted(param_leaves.keys() - subset.tensors.keys())
+  if missing or extra:
+    raise SubsetError(
+      f"the params do not fit the subset's tree: missing {missing}, unexpected {extra}"
+    )
+  for path, tensor in subset.tensors.items():
+    leaf = param_leaves[path]
+    if (tuple(np.shape(leaf)), dtype_of(leaf)) != (tensor.shape, tensor.dtype):
+      raise SubsetError(
+        f"params leaf {path!r} has shape {tuple(np.shape(leaf))} and dtype {dtype_of(leaf)}, "
+        f"the subset {tensor.shape} and {tensor.dtype}"
+      )
+    positions = _positions(tensor)
+    # Gathered where the leaf lives: only the subset's coordinates reach the host.
+    flat = leaf.reshape(-1) if isinstance(leaf, jax.Array) else np.asarray(leaf).reshape(-1)
+    held = np.asarray(flat[positions])
+    stored = tensor.values.reshape(-1)
+    differ = np.flatnonzero(_bits(held) != _bits(stored))
+    if differ.size:
+      first = differ[0]
+      raise SubsetError(
+        f"params leaf {path!r} does not hold this subset: {differ.size} of its "
+        f"{positions.size} coordinates differ, e.g. flat position {int(positions[first])} is "
+        f"{held[first]} where the subset stores {stored[first]} (revert the subset that was "
+        "applied, or pass verify=False)"
+      )
 
 
 def _positions(tensor: TensorSubset) -> np.ndarray:

@@ -143,6 +143,26 @@ def check_budget_and_exactness(seed, finetuned, fraction: float, kind: str) -> N
   assert_trees_bitwise_equal(_subset.revert_subset(rebuilt, seed, subset), seed)
 
 
+@pytest.mark.parametrize("as_jax", [False, True], ids=["numpy", "jax"])
+def test_revert_checks_that_the_params_hold_the_subset(as_jax):
+  """Reverting a subset the params do not hold would leave stale coordinates behind."""
+  seed, finetuned = adversarial_pair(np.random.default_rng(12), (6, 5), np.float32, "large")
+  if as_jax:
+    seed, finetuned = (jax.tree.map(jnp.asarray, tree) for tree in (seed, finetuned))
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.2)
+  rebuilt = _subset.apply_subset(seed, subset)
+  position = int(subset.tensors["w"].indices[3])
+  moved = {**rebuilt, "w": _subset._scatter(rebuilt["w"], np.array([position]), np.float32(9.5))}
+  with pytest.raises(_subset.SubsetError, match=rf"'w' does not hold .* {position} is 9.5"):
+    _subset.revert_subset(moved, seed, subset)
+  reverted = _subset.revert_subset(moved, seed, subset, verify=False)
+  assert_trees_bitwise_equal(_subset.named_leaves(reverted), _subset.named_leaves(seed))
+  with pytest.raises(_subset.SubsetError, match="params do not fit the subset's tree"):
+    _subset.revert_subset({"w": rebuilt["w"]}, seed, subset)
+  with pytest.raises(_subset.SubsetError, match="'w' is not the tensor"):
+    _subset.revert_subset(rebuilt, {**seed, "w": seed["w"] + 1.0}, subset)
+
+
 @pytest.mark.parametrize("moves", MOVES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["per_tensor", "global"])
