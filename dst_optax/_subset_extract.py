@@ -389,6 +389,38 @@ def extract_subset(
   )
 
 
+def check_training_budgets(
+  params: Any,
+  trained_budgets: Any,
+  fraction_of_free_params: float,
+  silos: _silos.Silos,
+  mask: Any,
+) -> None:
+  """Raises :class:`SubsetError` unless ε, silos and mask give training's budgets.
+
+  Args:
+    params: the parameter tree (arrays or shape structs).
+    trained_budgets: the DST state's ``budget`` (its last step's per-silo budgets;
+      any numeric dtype, e.g. float32 after a checkpoint restore).
+    fraction_of_free_params, silos, mask: as passed to the extraction.
+  """
+  layout = _silos.build_layout(params, silos, mask)
+  budgets = layout.concrete_budgets(float(fraction_of_free_params))
+  trained = np.asarray(trained_budgets)
+  # An injected or scheduled ε gave float32 budgets, which can be one lower.
+  as_traced = layout.concrete_budgets(float(fraction_of_free_params), np.float32)
+  if budgets.shape != trained.shape or not (
+    np.array_equal(budgets, trained) or np.array_equal(as_traced, trained)
+  ):
+    raise SubsetError(
+      f"ε = {fraction_of_free_params!r} with silos {silos_description(silos)} and this mask "
+      f"gives {budgets.size} silos with {int(budgets.sum())} free coordinates in all, but the "
+      f"DST state's last step had {trained.size} silos with {int(trained.sum())}: pass the "
+      "ε, silos and mask of training (or extract against the seed directly to choose "
+      "another budget)"
+    )
+
+
 def extract_subset_from_state(
   params: optax.Params,
   state: DynamicSubsetTuningState,
@@ -420,19 +452,5 @@ def extract_subset_from_state(
       "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
       "the first update)"
     )
-  layout = _silos.build_layout(params, silos, mask)
-  budgets = layout.concrete_budgets(float(fraction_of_free_params))
-  trained = np.asarray(state.budget)
-  # An injected or scheduled ε gave float32 budgets, which can be one lower.
-  as_traced = layout.concrete_budgets(float(fraction_of_free_params), np.float32)
-  if budgets.shape != trained.shape or not (
-    np.array_equal(budgets, trained) or np.array_equal(as_traced, trained)
-  ):
-    raise SubsetError(
-      f"ε = {fraction_of_free_params!r} with silos {silos_description(silos)} and this mask "
-      f"gives {budgets.size} silos with {int(budgets.sum())} free coordinates in all, but the "
-      f"DST state's last step had {trained.size} silos with {int(trained.sum())}: pass the "
-      "ε, silos and mask of training (or call extract_subset with state.seed to choose "
-      "another budget)"
-    )
+  check_training_budgets(params, state.budget, fraction_of_free_params, silos, mask)
   return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)

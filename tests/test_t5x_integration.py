@@ -177,6 +177,31 @@ def test_export_command_parses_the_run_settings():
   assert args.func is _cli._run
 
 
+def test_export_checks_the_run_settings_against_the_stored_state(tmp_path, monkeypatch):
+  """A checkpoint's DST state knows its budgets: an export with another ε or silos fails."""
+  params = _t5_like_params()
+  tx = optax.chain(
+    optax.adafactor(1e-2),
+    dst_t5x.dynamic_subset_tuning(0.25, unconstrained_patterns=[r"^token_embedder/"]),
+  )
+  new, state = _step(tx, params)
+  # A T5X state dict: the optimizer state as nested mappings, restored as float32.
+  dst_state = {
+    name: jax.tree.map(lambda x: np.asarray(x, np.float32), value)
+    for name, value in dst_optax.find_state(state)._asdict().items()
+  }
+  checkpoint = {"target": new, "state": {"param_states": {"0": {}, "1": dst_state}}}
+  monkeypatch.setattr(dst_t5x._export, "load_checkpoint", lambda path: checkpoint)
+  settings = {"unconstrained_patterns": [r"^token_embedder/"]}
+  subset = dst_t5x.export_subset("ckpt", str(tmp_path / "a.subset"), 0.25, **settings)
+  assert subset.tensors["encoder/layers_0/mlp/wi/kernel"].num_changed == 24
+  for fraction, silos in [(0.1, "per_tensor"), (0.25, "rows")]:
+    with pytest.raises(dst_optax.SubsetError, match="pass the ε, silos and mask of training"):
+      dst_t5x.export_subset("ckpt", str(tmp_path / "b.subset"), fraction, silos=silos, **settings)
+  with pytest.raises(dst_optax.SubsetError, match="pass the ε, silos and mask of training"):
+    dst_t5x.export_subset("ckpt", str(tmp_path / "c.subset"), 0.25)
+
+
 @needs_t5x
 def test_t5x_partitions_the_seed_like_the_params():
   from t5x import optimizers

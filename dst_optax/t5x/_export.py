@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 import dst_optax
+from dst_optax import _subset_extract
 from dst_optax.t5x import _factory, _import
 
 # Item of an Orbax-format T5X checkpoint that holds ``target`` and ``state``.
@@ -54,6 +55,21 @@ def load_checkpoint(checkpoint: str) -> Mapping[str, Any]:
   return jax.tree.map(np.asarray, state_dict)
 
 
+def _stored_dst_states(state_dict: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+  """The DST states (as mappings of their fields) in a checkpoint's optimizer state."""
+  fields = set(dst_optax.DynamicSubsetTuningState._fields)
+  found = []
+  pending = [state_dict["state"]]
+  while pending:
+    node = pending.pop()
+    if isinstance(node, Mapping):
+      if fields <= node.keys():
+        found.append(node)
+      else:
+        pending.extend(node.values())
+  return found
+
+
 def stored_seed(state_dict: Mapping[str, Any]) -> Any:
   """The seed parameters kept in a DST run's optimizer state.
 
@@ -66,22 +82,13 @@ def stored_seed(state_dict: Mapping[str, Any]) -> Any:
   Raises:
     ValueError: if the optimizer state holds no DST state, or several.
   """
-  fields = set(dst_optax.DynamicSubsetTuningState._fields)
-  found = []
-  pending = [state_dict["state"]]
-  while pending:
-    node = pending.pop()
-    if isinstance(node, Mapping):
-      if fields <= node.keys():
-        found.append(node["seed"])
-      else:
-        pending.extend(node.values())
+  found = _stored_dst_states(state_dict)
   if len(found) != 1:
     raise ValueError(
       f"expected one DST state in the checkpoint's optimizer state, found {len(found)}; "
       "pass the pretrained checkpoint as the seed"
     )
-  return found[0]
+  return found[0]["seed"]
 
 
 def export_subset(
@@ -111,8 +118,21 @@ def export_subset(
 
   Returns:
     The saved :class:`Subset`.
+
+  Raises:
+    dst_optax.SubsetError: if the checkpoint holds a DST state whose last
+      per-silo budgets differ from those of ``fraction_of_free_params``,
+      ``silos`` and ``unconstrained_patterns`` (the subset would drop
+      coordinates training changed, or count others).
   """
   finetuned = load_checkpoint(checkpoint)
+  silo_specs = _factory.resolve_silos(silos)
+  mask = _factory.constrained_mask(unconstrained_patterns)
+  dst_states = _stored_dst_states(finetuned)
+  if len(dst_states) == 1:
+    _subset_extract.check_training_budgets(
+      finetuned["target"], dst_states[0]["budget"], fraction_of_free_params, silo_specs, mask
+    )
   seed = (
     stored_seed(finetuned)
     if seed_checkpoint is None
@@ -122,9 +142,9 @@ def export_subset(
     seed,
     finetuned["target"],
     fraction_of_free_params,
-    silos=_factory.resolve_silos(silos),
+    silos=silo_specs,
     distance=distance,
-    mask=_factory.constrained_mask(unconstrained_patterns),
+    mask=mask,
   )
   dst_optax.save_subset(subset, output)
   return subset
