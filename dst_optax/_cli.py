@@ -7,9 +7,12 @@ Each command group lives beside the code it drives and registers itself here thr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from dst_optax._subset import SubsetError
 
 # Command -> (module defining ``register(subparsers)``, the extra its dependencies come from).
 # The registered sub-parser sets ``func(args) -> int`` as its default.
@@ -18,6 +21,26 @@ _COMMANDS = {
   "demo": ("dst_optax.demo._cli", "demo"),
   "t5x-export": ("dst_optax.t5x._cli", "t5x"),
 }
+
+
+def fails_cleanly(
+  label: Callable[[argparse.Namespace], str],
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+  """Makes a command report user errors (missing files, wrong seeds or settings, bad
+  files) as one line ``dst-optax <label>: error: ...`` with status 2, not a traceback."""
+
+  def wrap(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+      try:
+        return command(args)
+      except (SubsetError, FileNotFoundError, ImportError) as error:
+        print(f"dst-optax {label(args)}: error: {error}", file=sys.stderr)
+        return 2
+
+    return run
+
+  return wrap
 
 
 def _register_missing(subparsers, command: str, extra: str | None, missing: str) -> None:

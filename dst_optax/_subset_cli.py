@@ -7,15 +7,13 @@ Parameter checkpoints (seed, fine-tuned, output) are safetensors files with
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from dst_optax import _silos
+from dst_optax import _cli, _silos
 from dst_optax._subset import (
   UNCONSTRAINED_BUDGET,
   Subset,
@@ -67,18 +65,7 @@ def _fraction(text: str) -> float:
   return value
 
 
-def _fails_cleanly(command: Callable[[argparse.Namespace], int]):
-  """Reports user errors (missing files, wrong seeds, bad files) as one line, status 2."""
-
-  @functools.wraps(command)
-  def run(args: argparse.Namespace) -> int:
-    try:
-      return command(args)
-    except (SubsetError, FileNotFoundError, ModuleNotFoundError) as error:
-      print(f"dst-optax subset {args.subset_command}: error: {error}", file=sys.stderr)
-      return 2
-
-  return run
+_fails_cleanly = _cli.fails_cleanly(lambda args: f"subset {args.subset_command}")
 
 
 def _silo_spec(args: argparse.Namespace) -> _silos.SiloSpec | Callable[..., _silos.SiloSpec]:

@@ -177,7 +177,7 @@ def test_export_command_parses_the_run_settings():
   assert args.func is _cli._run
 
 
-def test_export_checks_the_run_settings_against_the_stored_state(tmp_path, monkeypatch):
+def test_export_checks_the_run_settings_against_the_stored_state(tmp_path, monkeypatch, capsys):
   """A checkpoint's DST state knows its budgets: an export with another ε or silos fails."""
   params = _t5_like_params()
   tx = optax.chain(
@@ -200,6 +200,10 @@ def test_export_checks_the_run_settings_against_the_stored_state(tmp_path, monke
       dst_t5x.export_subset("ckpt", str(tmp_path / "b.subset"), fraction, silos=silos, **settings)
   with pytest.raises(dst_optax.SubsetError, match="pass the ε, silos and mask of training"):
     dst_t5x.export_subset("ckpt", str(tmp_path / "c.subset"), 0.25)
+  # The command reports it in one line.
+  command = ["t5x-export", "ckpt", str(tmp_path / "d.subset"), "--fraction_of_free_params=0.1"]
+  assert _cli.main([*command, "--unconstrained=^token_embedder/"]) == 2
+  assert "t5x-export: error: ε = 0.1 with silos" in capsys.readouterr().err
 
 
 @needs_t5x

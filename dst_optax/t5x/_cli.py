@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from dst_optax import _cli
 from dst_optax.t5x import _export, _factory
 
 
+@_cli.fails_cleanly(lambda args: "t5x-export")
 def _run(args: argparse.Namespace) -> int:
   subset = _export.export_subset(
     args.checkpoint,

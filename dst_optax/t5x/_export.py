@@ -80,11 +80,12 @@ def stored_seed(state_dict: Mapping[str, Any]) -> Any:
     The seed, a tree like ``state_dict["target"]``.
 
   Raises:
-    ValueError: if the optimizer state holds no DST state, or several.
+    dst_optax.SubsetError: (a ValueError) if the optimizer state holds no DST
+      state, or several.
   """
   found = _stored_dst_states(state_dict)
   if len(found) != 1:
-    raise ValueError(
+    raise dst_optax.SubsetError(
       f"expected one DST state in the checkpoint's optimizer state, found {len(found)}; "
       "pass the pretrained checkpoint as the seed"
     )
