@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors.numpy
 
 from dst_optax import _distances, _silos
 
@@ -135,6 +137,24 @@ def combined_seed_fingerprint(subset: Subset) -> str:
   for path, tensor in subset.tensors.items():
     digest.update(f"{path}|{tensor.dtype.name}{tensor.shape}|{tensor.seed_fingerprint};".encode())
   return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
+
+
+def save_safetensors(
+  arrays: Mapping[str, np.ndarray], file: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> int:
+  """Writes a safetensors file and returns its size in bytes.
+
+  Raises:
+    FileNotFoundError: naming the directory, if it does not exist (safetensors
+      would name a temporary file instead).
+  """
+  directory = os.path.dirname(os.path.abspath(os.fspath(file)))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"cannot write {os.fspath(file)!r}: the directory {directory!r} does not exist"
+    )
+  safetensors.numpy.save_file(dict(arrays), os.fspath(file), metadata=metadata)
+  return os.path.getsize(file)
 
 
 def named_leaves(tree: Any) -> dict[str, Any]:

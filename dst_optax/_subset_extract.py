@@ -38,6 +38,7 @@ from dst_optax._subset import (
   dtype_of,
   leaf_budgets,
   named_leaves,
+  save_safetensors,
   silos_description,
   tensor_fingerprint,
   tensor_subset,
@@ -137,8 +138,7 @@ def save_params(params: Any, file: str | os.PathLike) -> int:
     The number of bytes written.
   """
   leaves = {path: np.ascontiguousarray(leaf) for path, leaf in named_leaves(params).items()}
-  safetensors.numpy.save_file(leaves, os.fspath(file))
-  return os.path.getsize(file)
+  return save_safetensors(leaves, file)
 
 
 def load_params(source: ParamSource) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from dst_optax._subset import (
   SubsetError,
   TensorSubset,
   combined_seed_fingerprint,
+  save_safetensors,
 )
 
 FORMAT = "dst_optax.subset"
@@ -159,8 +160,7 @@ def save_subset(
     "tensors": json.dumps(entries),
     "payload_sha256": _payload_digest(arrays),
   }
-  safetensors.numpy.save_file(arrays, os.fspath(file), metadata=metadata)
-  return os.path.getsize(file)
+  return save_safetensors(arrays, file, metadata)
 
 
 def _corrupt(file: str | os.PathLike, reason: str) -> SubsetError:

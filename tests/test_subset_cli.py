@@ -95,6 +95,10 @@ def test_wrong_seed_fails_with_a_clear_error(tmp_path, checkpoints, capsys):
     (("inspect", "{seed}"), "not a subset file"),
     (("extract", "{seed}", "{tmp}/nope.safetensors", "-o", "{tmp}/x", "-e", "0.1"), "nope"),
     (("apply", "{seed}", "{tmp}/garbage.subset", "-o", "{tmp}/x"), "not a readable safetensors"),
+    (
+      ("extract", "{seed}", "{seed}", "-o", "{tmp}/no_dir/x", "-e", "0.1"),
+      "no_dir' does not exist",
+    ),
   ],
 )
 def test_bad_inputs_exit_with_status_2_and_a_message(
