@@ -1,6 +1,7 @@
 """End-to-end smoke runs of the demo's training loop and CLI on a tiny random BERT."""
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
@@ -119,4 +120,19 @@ def test_cli_defaults_and_flags():
 def test_cli_rejects_bad_fraction():
   args = _demo_parser().parse_args(["demo", "--fraction", "2"])
   with pytest.raises(SystemExit, match="fraction"):
+    _cli.run(args)
+
+
+@pytest.mark.parametrize(
+  ("flags", "message"),
+  [
+    (["--max-length", "2"], "--max-length must be at least 3; got 2"),
+    (["--learning-rate=-1e-3"], "--learning-rate must be positive; got -0.001"),
+    (["--baseline-learning-rate", "0"], "--baseline-learning-rate must be positive; got 0.0"),
+  ],
+)
+def test_cli_rejects_settings_that_cannot_train(flags, message):
+  """A two-token sequence cannot hold a word; a negative rate would ascend the loss."""
+  args = _demo_parser().parse_args(["demo", *flags])
+  with pytest.raises(SystemExit, match=re.escape(message)):
     _cli.run(args)

@@ -66,9 +66,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
   if not 0.0 < args.fraction <= 1.0:
     raise SystemExit(f"dst-optax demo: --fraction must lie in (0, 1]; got {args.fraction}")
-  for flag in ("steps", "batch_size", "max_length"):
+  for flag in ("steps", "batch_size"):
     if getattr(args, flag) < 1:
       raise SystemExit(f"dst-optax demo: --{flag.replace('_', '-')} must be positive")
+  # [CLS], at least one word piece and [SEP].
+  if args.max_length < 3:
+    raise SystemExit(f"dst-optax demo: --max-length must be at least 3; got {args.max_length}")
+  for flag in ("learning_rate", "baseline_learning_rate"):
+    rate = getattr(args, flag, None)  # The baseline's is absent unless given.
+    if rate is not None and not rate > 0:
+      raise SystemExit(f"dst-optax demo: --{flag.replace('_', '-')} must be positive; got {rate}")
 
 
 def run(args: argparse.Namespace) -> int:
