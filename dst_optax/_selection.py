@@ -603,7 +603,6 @@ def _select_top_k(
     return Selection([None] * len(keys), no_silos.astype(jnp.float32), no_silos, jnp.int32(0))
   shapes = [None if k is None else k.shape for k in keys]
   silo_bases = _leaf_silo_bases(layout, shapes)
-  budgets = jnp.asarray(budgets, jnp.int32)
   start = _warm_start(budgets, warm_start)
   found, num_passes = _kth_largest([_constant(k) for k in keys], layout, budgets, start)
   threshold = found.lo

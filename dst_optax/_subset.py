@@ -272,6 +272,32 @@ def tensor_subset(path: str, seed: Any, projected: Any, budget: LeafBudget) -> T
   return TensorSubset(indices, values, shape, budget.budget, budget.silo, tensor_fingerprint(seed))
 
 
+def _leaves_fitting(tree: Any, subset: Subset, name: str) -> dict[str, Any]:
+  """The leaves of ``tree`` by path, after checking they have the subset's paths,
+  shapes and dtypes; ``name`` (``"seed"``, ``"params"``) names the tree in errors."""
+  leaves = named_leaves(tree)
+  missing = sorted(subset.tensors.keys() - leaves.keys())
+  extra = sorted(leaves.keys() - subset.tensors.keys())
+  if missing or extra:
+    raise SubsetError(
+      f"the subset does not fit the tree of the {name}: tensors missing from the {name} "
+      f"{missing}, {name} leaves the subset does not know {extra}"
+    )
+  for path, tensor in subset.tensors.items():
+    leaf = leaves[path]
+    if tuple(np.shape(leaf)) != tensor.shape:
+      raise SubsetError(
+        f"{name} leaf {path!r} has shape {tuple(np.shape(leaf))} but the subset was extracted "
+        f"for shape {tensor.shape}"
+      )
+    if dtype_of(leaf) != tensor.dtype:
+      raise SubsetError(
+        f"{name} leaf {path!r} has dtype {dtype_of(leaf)} but the subset stores {tensor.dtype} "
+        "values"
+      )
+  return leaves
+
+
 def check_seed(
   seed: optax.Params, subset: Subset, fingerprints: Mapping[str, str] | None = None
 ) -> None:
@@ -288,26 +314,10 @@ def check_seed(
     SubsetError: naming the first leaf whose path, shape, dtype or fingerprint
       does not match.
   """
-  seed_leaves = named_leaves(seed)
+  seed_leaves = _leaves_fitting(seed, subset, "seed")
   fingerprints = fingerprints or {}
-  missing = sorted(subset.tensors.keys() - seed_leaves.keys())
-  extra = sorted(seed_leaves.keys() - subset.tensors.keys())
-  if missing or extra:
-    raise SubsetError(
-      f"the subset does not fit the seed's tree: tensors missing from the seed {missing}, "
-      f"seed leaves the subset does not know {extra}"
-    )
   for path, tensor in subset.tensors.items():
     leaf = seed_leaves[path]
-    if tuple(np.shape(leaf)) != tensor.shape:
-      raise SubsetError(
-        f"seed leaf {path!r} has shape {tuple(np.shape(leaf))} but the subset was extracted for "
-        f"shape {tensor.shape}"
-      )
-    if dtype_of(leaf) != tensor.dtype:
-      raise SubsetError(
-        f"seed leaf {path!r} has dtype {dtype_of(leaf)} but the subset stores {tensor.dtype} values"
-      )
     if not tensor.dense:
       found = fingerprints.get(path) or tensor_fingerprint(leaf)
       if found != tensor.seed_fingerprint:
@@ -410,20 +420,9 @@ def revert_subset(
 
 def _check_holds(params: optax.Params, subset: Subset) -> None:
   """Raises :class:`SubsetError` unless ``params`` hold the subset's values bitwise."""
-  param_leaves = named_leaves(params)
-  missing = sorted(subset.tensors.keys() - param_leaves.keys())
-  extra = sorted(param_leaves.keys() - subset.tensors.keys())
-  if missing or extra:
-    raise SubsetError(
-      f"the params do not fit the subset's tree: missing {missing}, unexpected {extra}"
-    )
+  param_leaves = _leaves_fitting(params, subset, "params")
   for path, tensor in subset.tensors.items():
     leaf = param_leaves[path]
-    if (tuple(np.shape(leaf)), dtype_of(leaf)) != (tensor.shape, tensor.dtype):
-      raise SubsetError(
-        f"params leaf {path!r} has shape {tuple(np.shape(leaf))} and dtype {dtype_of(leaf)}, "
-        f"the subset {tensor.shape} and {tensor.dtype}"
-      )
     positions = _positions(tensor)
     # Gathered where the leaf lives: only the subset's coordinates reach the host.
     flat = leaf.reshape(-1) if isinstance(leaf, jax.Array) else np.asarray(leaf).reshape(-1)

@@ -157,7 +157,7 @@ def test_revert_checks_that_the_params_hold_the_subset(as_jax):
     _subset.revert_subset(moved, seed, subset)
   reverted = _subset.revert_subset(moved, seed, subset, verify=False)
   assert_trees_bitwise_equal(_subset.named_leaves(reverted), _subset.named_leaves(seed))
-  with pytest.raises(_subset.SubsetError, match="params do not fit the subset's tree"):
+  with pytest.raises(_subset.SubsetError, match="the subset does not fit the tree of the params"):
     _subset.revert_subset({"w": rebuilt["w"]}, seed, subset)
   with pytest.raises(_subset.SubsetError, match="'w' is not the tensor"):
     _subset.revert_subset(rebuilt, {**seed, "w": seed["w"] + 1.0}, subset)

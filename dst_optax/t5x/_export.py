@@ -83,13 +83,16 @@ def stored_seed(state_dict: Mapping[str, Any]) -> Any:
     dst_optax.SubsetError: (a ValueError) if the optimizer state holds no DST
       state, or several.
   """
-  found = _stored_dst_states(state_dict)
-  if len(found) != 1:
+  return _seed_of(_stored_dst_states(state_dict))
+
+
+def _seed_of(dst_states: list[Mapping[str, Any]]) -> Any:
+  if len(dst_states) != 1:
     raise dst_optax.SubsetError(
-      f"expected one DST state in the checkpoint's optimizer state, found {len(found)}; "
+      f"expected one DST state in the checkpoint's optimizer state, found {len(dst_states)}; "
       "pass the pretrained checkpoint as the seed"
     )
-  return found[0]["seed"]
+  return dst_states[0]["seed"]
 
 
 def export_subset(
@@ -135,9 +138,7 @@ def export_subset(
       finetuned["target"], dst_states[0]["budget"], fraction_of_free_params, silo_specs, mask
     )
   seed = (
-    stored_seed(finetuned)
-    if seed_checkpoint is None
-    else load_checkpoint(seed_checkpoint)["target"]
+    _seed_of(dst_states) if seed_checkpoint is None else load_checkpoint(seed_checkpoint)["target"]
   )
   subset = dst_optax.extract_subset(
     seed,
