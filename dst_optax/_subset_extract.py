@@ -445,12 +445,23 @@ def extract_subset_from_state(
     SubsetError: if the state has taken no step, or if ``fraction_of_free_params``,
       ``silos`` and ``mask`` give other per-silo budgets than the last step had
       (the subset would silently drop coordinates training changed, or count
-      others); :func:`extract_subset` with ``state.seed`` takes any ε.
+      others); :func:`extract_subset` with ``state.seed`` takes any ε. Also if
+      DST saw only part of ``params`` (``optax.multi_transform``, ``optax.masked``):
+      the state then has no seed for the rest; use :func:`extract_subset`.
   """
   if int(np.asarray(state.count)) == 0:
     raise SubsetError(
       "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
       "the first update)"
+    )
+  seed_paths = named_leaves(state.seed).keys()
+  params_paths = named_leaves(params).keys()
+  if seed_paths < params_paths:
+    raise SubsetError(
+      f"the DST state holds a seed for part of the params only: DST never saw "
+      f"{sorted(params_paths - seed_paths)} (it ran inside optax.multi_transform or "
+      "optax.masked); extract with dst_optax.extract_subset(seed, params, ...) against the "
+      "full seed, with a mask that is False for the leaves trained without DST (stored whole)"
     )
   check_training_budgets(params, state.budget, fraction_of_free_params, silos, mask)
   return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)

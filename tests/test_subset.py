@@ -251,6 +251,32 @@ def test_extract_from_state_needs_the_budgets_of_training():
       _subset_extract.extract_subset_from_state(params, state, fraction, silos, mask=mask)
 
 
+def test_extract_from_a_partial_state_points_to_the_full_seed():
+  """DST in one branch of ``optax.multi_transform`` holds no seed for the other branch."""
+  seed, _ = make_model(np.random.default_rng(4), np.float32)
+  params = jax.tree.map(jnp.asarray, seed)
+  labels = {"encoder": {"kernel": "dst", "bias": "dst"}, "head": "full"}
+  tx = optax.multi_transform(
+    {
+      "dst": optax.chain(optax.adam(0.05), dst_optax.dynamic_subset_tuning(0.1)),
+      "full": optax.adam(0.05),
+    },
+    labels,
+  )
+  opt_state = tx.init(params)
+  for _ in range(3):
+    updates, opt_state = jax.jit(tx.update)(jax.tree.map(jnp.cos, params), opt_state, params)
+    params = optax.apply_updates(params, updates)
+  state = dst_optax.find_state(opt_state)
+  with pytest.raises(_subset.SubsetError, match=r"DST never saw \['head'\].*extract_subset"):
+    _subset_extract.extract_subset_from_state(params, state, 0.1)
+  # The advice holds: the full seed, the head stored whole.
+  subset = _subset_extract.extract_subset(seed, params, 0.1, mask=head_free)
+  expected = oracle_projection(seed, params, 0.1, dst_optax.PerTensor(), {"head"})
+  assert_trees_bitwise_equal(_subset.named_leaves(_subset.apply_subset(seed, subset)), expected)
+  assert subset.tensors["encoder/kernel"].num_changed == int(state.num_changed[1]) == 12
+
+
 def test_extract_from_state_before_first_step_fails():
   seed, _ = make_model(np.random.default_rng(3), np.float32)
   state = dst_optax.dynamic_subset_tuning(0.1).init(seed)

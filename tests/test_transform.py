@@ -379,6 +379,34 @@ def test_masked_leaves_pass_through_and_optax_masked_composes():
   assert changed_count(trained["dense"], params["dense"]) == 12
 
 
+def test_multi_transform_runs_dst_on_its_partition_only():
+  """A new head trained in full beside a DST backbone (``optax.multi_transform``)."""
+  params = random_tree()
+  dst_branch = lambda: optax.chain(optax.adam(1e-2), dst_optax.dynamic_subset_tuning(0.1))
+  tx = optax.multi_transform(
+    {"dst": dst_branch(), "full": optax.adam(1e-2)}, {"dense": "dst", "out": "full"}
+  )
+
+  def train_eagerly(tx, params, part=lambda tree: tree):
+    # Op by op, so that both runs round alike (one compiled program may fuse differently).
+    state = tx.init(params)
+    for i in range(3):
+      grads = jax.tree.map(lambda p, n, s=i + 1.0: (p + n) * s, params, part(random_tree(i + 100)))
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  trained, state = train_eagerly(tx, params)
+  dense_alone, dense_state = train_eagerly(dst_branch(), params["dense"], lambda t: t["dense"])
+  out_alone, _ = train_eagerly(optax.adam(1e-2), params["out"], lambda t: t["out"])
+  chex.assert_trees_all_equal(trained["dense"], dense_alone)
+  chex.assert_trees_all_equal(trained["out"], out_alone)
+  assert changed_count(trained["out"], params["out"]) == params["out"].size
+  stats = dst_optax.subset_stats(state)
+  assert int(stats["budget"]) == int(dst_optax.subset_stats(dense_state)["budget"]) == 12
+  assert changed_count(trained["dense"], params["dense"]) == int(stats["changed"]) == 12
+
+
 def test_flax_linen_and_nnx_parameter_trees():
   flax = pytest.importorskip("flax")
   from flax import linen, nnx
