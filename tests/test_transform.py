@@ -390,7 +390,7 @@ def test_multi_transform_runs_dst_on_its_partition_only():
   def train_eagerly(tx, params, part=lambda tree: tree):
     # Op by op, so that both runs round alike (one compiled program may fuse differently).
     state = tx.init(params)
-    for i in range(3):
+    for i in range(2):
       grads = jax.tree.map(lambda p, n, s=i + 1.0: (p + n) * s, params, part(random_tree(i + 100)))
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
