@@ -3,8 +3,11 @@
 DST ranks coordinates by the cost of resetting them: ``Δ = d(Θ0, Θ̂, Θ0)``, the
 distance between the candidate value (the seed) and the proposal ``Θ̂`` of the
 base optimizer, given the seed. Larger Δ means the coordinate is more worth
-keeping. Distances are evaluated in float32 (bfloat16 inputs are cast) and must
-be non-negative; their magnitude is used, and NaN ranks above everything.
+keeping. Distances are evaluated in float32 (bfloat16 and float16 inputs are
+cast), or in float64 for float64 params, and must be non-negative; their
+magnitude is used, and NaN ranks above everything. They are ranked at float32
+precision: float64 distances equal to 24 bits tie (broken by position), and
+those below float32's smallest subnormal count as 0.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def resolve_distance(distance: str | DistanceFn) -> DistanceFn:
       ``d(candidate, proposal, seed) -> Array`` of elementwise non-negative values.
 
   Returns:
-    A function computing Δ in float32.
+    A function computing Δ in float32, or float64 for float64 inputs.
   """
   if isinstance(distance, str):
     if distance not in _NAMED_DISTANCES:
@@ -61,8 +64,9 @@ def resolve_distance(distance: str | DistanceFn) -> DistanceFn:
   else:
     raise TypeError(f"distance must be a name or a callable; got {distance!r}")
 
-  def float32_distance(candidate: jax.Array, proposal: jax.Array, seed: jax.Array) -> jax.Array:
-    as_float32 = lambda x: jnp.asarray(x, jnp.float32)
-    return function(as_float32(candidate), as_float32(proposal), as_float32(seed))
+  def widened_distance(candidate: jax.Array, proposal: jax.Array, seed: jax.Array) -> jax.Array:
+    # float64 stays float64: a change below float32's resolution is still a change.
+    widen = lambda x: jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    return function(widen(candidate), widen(proposal), widen(seed))
 
-  return float32_distance
+  return widened_distance

@@ -338,11 +338,13 @@ def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax
   count_above = jnp.take_along_axis(at_least, slot[:, None] + 1, axis=1)[:, 0]
   bucket_lo = search.lo + lax.shift_left(slot - 1, shift)
   # Written so that no intermediate overflows int32 near the top of the key range.
-  bucket_last = bucket_lo + jnp.minimum(lax.shift_left(1, shift) - 1, search.last - bucket_lo)
+  bucket_last = bucket_lo + jnp.minimum(
+    lax.shift_left(jnp.int32(1), shift) - 1, search.last - bucket_lo
+  )
   # A miss continues next to the interval, _MISS_GROWTH_BITS wider, not over the
   # rest of the key range: a warm window that just missed costs a few passes.
   reach = lax.shift_left(
-    1, jnp.minimum(_bit_length(search.last - search.lo) + _MISS_GROWTH_BITS, 30)
+    jnp.int32(1), jnp.minimum(_bit_length(search.last - search.lo) + _MISS_GROWTH_BITS, 30)
   )
   below, above = slot == 0, slot == (1 << _DIGIT_BITS) + 1
   lo = jnp.where(
@@ -516,7 +518,7 @@ def _warm_start(budgets: jax.Array, warm_start: WarmStart | None) -> _Search:
   usable = (
     (last_key > 0) & (last_key < _INFINITY_KEY) & (centre < _INFINITY_KEY) & (window_bits < 31)
   )
-  half_width = lax.shift_left(1, jnp.clip(window_bits - 1, 0, 30))
+  half_width = lax.shift_left(jnp.int32(1), jnp.clip(window_bits - 1, 0, 30))
   lo = jnp.maximum(centre - half_width, 0)
   last = centre + jnp.minimum(half_width - 1, _MAX_KEY - centre)
   warm = _resolved(budgets, lo, last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -377,6 +378,50 @@ def test_masked_leaves_pass_through_and_optax_masked_composes():
   )
   trained, _ = train(outer, params)
   assert changed_count(trained["dense"], params["dense"]) == 12
+
+
+@contextlib.contextmanager
+def x64_enabled():
+  """``jax_enable_x64`` on inside the block (a process-wide flag, restored after)."""
+  previous = jax.config.read("jax_enable_x64")
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize(
+  "silos", [dst_optax.PerTensor(), dst_optax.rows(), dst_optax.Global()], ids=str
+)
+def test_x64_leaves_float32_training_unchanged(silos):
+  params = random_tree()
+  # SGD: adam's bias correction itself computes in float64 under x64.
+  make = lambda: optax.chain(
+    optax.sgd(0.1, momentum=0.9), dst_optax.dynamic_subset_tuning(0.1, silos=silos)
+  )
+  want, _ = train(make(), params, num_steps=2)
+  want_projected = dst_optax.project_to_budget(want, params, 0.1, silos)
+  with x64_enabled():
+    have, state = train(make(), params, num_steps=2)
+    projected = dst_optax.project_to_budget(have, params, 0.1, silos)
+  chex.assert_trees_all_equal(have, want)
+  chex.assert_trees_all_equal(projected, want_projected)
+  assert changed_count(projected, params) == int(dst_optax.subset_stats(state)["changed"])
+
+
+def test_float64_params_rank_changes_below_float32_resolution():
+  with x64_enabled():
+    params = {"w": jnp.ones(8, jnp.float64)}
+    # Steps of 1e-9: 1 + 1e-9 is 1.0 in float32, yet a change.
+    updates = {"w": jnp.asarray([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0], jnp.float64) * 1e-9}
+    for fraction, kept in [(1.0, range(8)), (0.5, [2, 4, 5, 7])]:
+      tx = dst_optax.dynamic_subset_tuning(fraction)
+      new_updates, _ = tx.update(updates, tx.init(params), params)
+      new = optax.apply_updates(params, new_updates)["w"]
+      assert new.dtype == jnp.float64
+      expected = np.where(np.isin(np.arange(8), list(kept)), 1.0 + np.asarray(updates["w"]), 1.0)
+      np.testing.assert_array_equal(np.asarray(new), expected)
 
 
 def test_multi_transform_runs_dst_on_its_partition_only():
