@@ -125,7 +125,7 @@ class Overlap(NamedTuple):
 
 def tensor_fingerprint(tensor: Any) -> str:
   """SHA-256 (first 128 bits, hex) of a tensor's dtype, shape and bytes."""
-  array = np.ascontiguousarray(np.asarray(tensor))
+  array = np.require(np.asarray(tensor), requirements="C")
   digest = hashlib.sha256(f"{array.dtype.name}{array.shape}".encode())
   digest.update(memoryview(array.reshape(-1).view(np.uint8)))
   return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
@@ -184,8 +184,8 @@ def _bits(array: np.ndarray) -> np.ndarray:
 
 def changed_indices(seed: Any, params: Any) -> np.ndarray:
   """Sorted flat int32 positions where ``params`` differs from ``seed`` bitwise."""
-  seed_bits = _bits(np.ascontiguousarray(np.asarray(seed)).reshape(-1))
-  param_bits = _bits(np.ascontiguousarray(np.asarray(params)).reshape(-1))
+  seed_bits = _bits(np.require(np.asarray(seed), requirements="C").reshape(-1))
+  param_bits = _bits(np.require(np.asarray(params), requirements="C").reshape(-1))
   return np.flatnonzero(seed_bits != param_bits).astype(np.int32)
 
 

@@ -137,7 +137,7 @@ def save_params(params: Any, file: str | os.PathLike) -> int:
   Returns:
     The number of bytes written.
   """
-  leaves = {path: np.ascontiguousarray(leaf) for path, leaf in named_leaves(params).items()}
+  leaves = {path: np.require(leaf, requirements="C") for path, leaf in named_leaves(params).items()}
   return save_safetensors(leaves, file)
 
 
@@ -199,7 +199,7 @@ def _top_k_positions(keys: np.ndarray, k: int) -> np.ndarray:
 
 
 def _flat_bits(array: np.ndarray) -> np.ndarray:
-  flat = np.ascontiguousarray(array).reshape(-1)
+  flat = np.require(array, requirements="C").reshape(-1)
   return flat.view(np.dtype(f"u{flat.dtype.itemsize}")).astype(np.uint64)
 
 

@@ -97,7 +97,7 @@ def _tensor_name(path: str, name_separator: str) -> str:
 def _payload_digest(tensors: Mapping[str, np.ndarray]) -> str:
   digest = hashlib.sha256()
   for name in sorted(tensors):
-    array = np.ascontiguousarray(tensors[name])
+    array = np.require(tensors[name], requirements="C")
     digest.update(f"{name}|{array.dtype.name}{array.shape}|".encode())
     digest.update(memoryview(array.reshape(-1).view(np.uint8)))
   return digest.hexdigest()
@@ -127,7 +127,7 @@ def save_subset(
   entries = []
   for path, tensor in subset.tensors.items():
     name = _tensor_name(path, name_separator)
-    arrays[f"{name}.values"] = np.ascontiguousarray(tensor.values)
+    arrays[f"{name}.values"] = np.require(tensor.values, requirements="C")
     encoding = _DENSE if tensor.dense else index_encoding
     if encoding == "raw":
       arrays[f"{name}.indices"] = tensor.indices.astype(np.int32)

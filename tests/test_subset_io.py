@@ -202,3 +202,34 @@ def test_out_of_range_or_unsorted_indices_are_rejected(tmp_path):
 def test_missing_file_is_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.safetensors"):
     _subset_io.load_subset(tmp_path / "missing.safetensors")
+
+
+def test_scalar_leaves_round_trip_as_scalars(tmp_path):
+  """0-d leaves (a temperature, a step count) keep their shape through files."""
+  seed = {"w": np.zeros((4, 4), np.float32), "temperature": np.float32(1.0), "step": np.int32(0)}
+  finetuned = {
+    "w": np.eye(4, dtype=np.float32),
+    "temperature": np.float32(2.0),
+    "step": np.int32(7),
+  }
+  subset = dst_optax.extract_subset(
+    seed, finetuned, 0.25, mask={"w": True, "temperature": False, "step": True}
+  )
+  dst_optax.save_subset(subset, tmp_path / "scalars.subset")
+  rebuilt = dst_optax.apply_subset(seed, dst_optax.load_subset(tmp_path / "scalars.subset"))
+  for path, leaf in finetuned.items():
+    assert np.shape(rebuilt[path]) == np.shape(leaf)
+    np.testing.assert_array_equal(rebuilt[path], leaf)
+
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  from_files = _subset_extract.extract_subset_streaming(
+    _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
+    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
+    0.25,
+    mask={"w": True, "temperature": False, "step": True},
+  )
+  rebuilt = dst_optax.apply_subset(seed, from_files)
+  for path, leaf in finetuned.items():
+    assert np.shape(rebuilt[path]) == np.shape(leaf)
+    np.testing.assert_array_equal(rebuilt[path], leaf)
