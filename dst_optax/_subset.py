@@ -480,7 +480,9 @@ def _compose_tensor(path: str, tensors: Sequence[TensorSubset]) -> TensorSubset:
     if first.dense
     else min(sum(tensor.budget for tensor in tensors), math.prod(first.shape))
   )
-  silo = " + ".join(dict.fromkeys(tensor.silo for tensor in tensors))
+  # Every part named, even repeated ones: a composed tensor's budget bounds it
+  # alone, whatever group its parts shared (see the loader's budget check).
+  silo = " + ".join(tensor.silo for tensor in tensors)
   if first.dense:
     return first._replace(values=tensors[-1].values.copy(), budget=budget, silo=silo)
   indices = np.concatenate([tensor.indices for tensor in reversed(tensors)])

@@ -236,13 +236,14 @@ def _check_budgets(file: str | os.PathLike, tensors: Mapping[str, TensorSubset])
   """Sparse tensors may not change more coordinates than their silos' budget.
 
   Tensors sharing a group silo record the group's budget; their counts are
-  summed per group.
+  summed per group. A composed tensor (silo ``a + b``) records the sum of its
+  parts' budgets, which bounds that tensor alone.
   """
   groups: dict[tuple[str, int], int] = {}
   for path, tensor in tensors.items():
     if tensor.budget == UNCONSTRAINED_BUDGET:
       continue
-    if tensor.silo.startswith(("Group(", "Global(")):
+    if tensor.silo.startswith(("Group(", "Global(")) and " + " not in tensor.silo:
       key = (tensor.silo, tensor.budget)
       groups[key] = groups.get(key, 0) + tensor.num_changed
       count, where = groups[key], f"group {tensor.silo}"
