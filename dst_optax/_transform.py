@@ -13,11 +13,14 @@ Each step, given the base optimizer's update ``u``::
 
 Exactness. A kept coordinate gets the update ``u`` unchanged, so
 ``optax.apply_updates`` lands bit-exactly on ``Θ̂``. A reset coordinate gets
-``Θ0 − Θ(t)`` (computed in the update's dtype), and ``Θ(t) + (Θ0 − Θ(t))`` can be
-one rounding away from ``Θ0``. Such residue heals itself: if the coordinate stays
-out of the subset, the next step's reset starts within a factor of two of
-``Θ0``, where the subtraction is exact (Sterbenz) and the sum lands on ``Θ0``.
-For bfloat16 params with float32 updates every reset is exact. Residue never
+``Θ0 − Θ(t)`` (subtracted at the wider of the params' and the update's dtype,
+returned in the update's), and ``Θ(t) + (Θ0 − Θ(t))`` can be one rounding away
+from ``Θ0``. Such residue heals itself: if the coordinate stays out of the
+subset, the next step's reset starts within a factor of two of ``Θ0``, where the
+subtraction is exact (Sterbenz) and the sum lands on ``Θ0``. For bfloat16 params
+with float32 updates every reset is exact; with updates narrower than the params
+(bfloat16 updates of float32 params) rounding the difference can leave residue
+again, 2^8 times smaller each step, until it vanishes. Residue never
 consumes budget in a materialised model: :func:`project_to_budget` (and the
 subset export built on it) keeps at most ``k_S`` changed coordinates per silo,
 bit-exactly, using ``jnp.where`` rather than arithmetic.
@@ -138,6 +141,17 @@ def _select(
 ) -> _selection.Selection:
   keys = _distance_keys(distance, layout, proposals, seeds)
   return _selection.select_top_k(keys, layout, budgets, warm_start)
+
+
+def _reset(param: jax.Array, seed: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """The update ``Θ0 − Θ`` that resets a coordinate, in the update's ``dtype``.
+
+  Subtracted at the wider of the two dtypes: for updates narrower than the
+  params (bfloat16 updates of float32 params) only the difference is rounded,
+  not Θ and Θ0 first, which would turn small excursions into a reset of 0.
+  """
+  wide = jnp.promote_types(param.dtype, dtype)
+  return (-(param.astype(wide) - seed.astype(wide))).astype(dtype)
 
 
 def dynamic_subset_tuning(
@@ -294,11 +308,7 @@ def dynamic_subset_tuning(
     # exactly), so that XLA does not share it with the counts' |Θ0 − Θ| and
     # materialise it.
     new_updates = [
-      u
-      if keep is None
-      else jnp.where(
-        counted & (keep | (proposal == s)), u, -(p.astype(u.dtype) - s.astype(u.dtype))
-      )
+      u if keep is None else jnp.where(counted & (keep | (proposal == s)), u, _reset(p, s, u.dtype))
       for u, p, s, proposal, keep in zip(
         leaves_u, leaves_p, leaves_s, proposals, selection.masks, strict=True
       )

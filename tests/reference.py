@@ -83,7 +83,8 @@ def dst_step(
   masks = select(proposals, seeds, specs, fraction, distance)
   new_params = []
   for p, u, s, proposal, keep in zip(params, updates, seeds, proposals, masks, strict=True):
-    reset = s.astype(u.dtype) - p.astype(u.dtype)
+    wide = np.promote_types(p.dtype, u.dtype)
+    reset = (s.astype(wide) - p.astype(wide)).astype(u.dtype)
     # A proposal already on the seed keeps its update (and so lands on it exactly).
     keep_update = keep | (proposal == s)
     new_params.append(np.where(keep_update, proposal, (p + reset).astype(p.dtype)))

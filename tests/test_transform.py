@@ -380,6 +380,22 @@ def test_masked_leaves_pass_through_and_optax_masked_composes():
   assert changed_count(trained["dense"], params["dense"]) == 12
 
 
+def test_resets_with_updates_narrower_than_the_params_reach_the_seed():
+  """bfloat16 updates of float32 params (gradients cast down): resets converge."""
+  params = {"w": jnp.ones(1000, jnp.float32)}
+  tx = dst_optax.dynamic_subset_tuning(0.01)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  for i in range(8):
+    # Five steps that move, then steps that do not: what stays off the seed is the subset.
+    scale = 1e-3 if i < 5 else 0.0
+    updates = {"w": jnp.asarray(rng.normal(size=1000) * scale, jnp.bfloat16)}
+    updates, state = step(updates, state, params)
+    params = optax.apply_updates(params, updates)
+  assert changed_count(params, {"w": jnp.ones(1000)}) == int(state.num_changed.sum()) == 10
+
+
 @contextlib.contextmanager
 def x64_enabled():
   """``jax_enable_x64`` on inside the block (a process-wide flag, restored after)."""
