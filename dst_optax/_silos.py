@@ -206,7 +206,9 @@ def _broadcast_prefix(
     )
   except ValueError as error:
     raise ValueError(f"{mismatch}: {error}") from None
-  return jax.tree.leaves(full, is_leaf=is_leaf)
+  # Flattened by the params' structure: one value per param leaf, none for the
+  # params' empty subtrees (a None there may carry a None value, which is no leaf).
+  return jax.tree.structure(params).flatten_up_to(full)
 
 
 def leaves_by_path(tree: Any) -> dict[str, Any]:

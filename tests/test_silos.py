@@ -115,3 +115,20 @@ def test_silos_beyond_int32_counts_are_refused(params, silos, owner):
   assert _silos.build_layout(params, dst_optax.rows()).num_silos == sum(
     leaf.shape[0] for leaf in params.values()
   )
+
+
+def test_spec_and_mask_trees_built_over_params_with_none_leaves():
+  """``jax.tree.map`` over params keeps their None nodes in the spec and mask trees."""
+  params = {"a": jnp.ones((4, 4)), "c": jnp.ones(4), "z": None}
+  silos = jax.tree.map(
+    lambda p: dst_optax.rows() if p.ndim == 2 else dst_optax.Unconstrained(), params
+  )
+  mask = jax.tree.map(lambda p: p.ndim == 2, params)
+  assert _silos._spec_per_leaf(silos, params) == [dst_optax.rows(), dst_optax.Unconstrained()]
+  assert _silos._mask_per_leaf(mask, params) == [True, False]
+  tx = dst_optax.dynamic_subset_tuning(0.5, silos=silos)
+  updates, _ = tx.update(
+    {"a": jnp.arange(16.0).reshape(4, 4), "c": jnp.ones(4), "z": None}, tx.init(params), params
+  )
+  # Two of four per row (the larger ones), all of the unconstrained vector.
+  assert int(jnp.sum(updates["a"] != 0)) == 8 and bool(jnp.all(updates["c"] == 1))
