@@ -77,8 +77,24 @@ class ParamSource(NamedTuple):
   description: str
 
 
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Nested dicts from ``a/b/c`` names, so that silo and mask trees see the model's tree.
+def _as_sequences(node: Any) -> Any:
+  """Dicts keyed exactly ``"0" … "n-1"`` as lists: what the model's lists were saved from.
+
+  A dict flattens in sorted key order (``"10"`` before ``"2"``), a list in index
+  order; leaf order is silo order, which decides ties and the subset's tensor order.
+  """
+  if not isinstance(node, dict):
+    return node
+  children = {key: _as_sequences(child) for key, child in node.items()}
+  if children and set(children) == {str(index) for index in range(len(children))}:
+    return [children[str(index)] for index in range(len(children))]
+  return children
+
+
+def nest(flat: Mapping[str, Any]) -> Any:
+  """Nested containers from ``a/b/c`` names, so that silo and mask trees see the model's tree.
+
+  Names whose siblings are exactly ``0 … n-1`` become lists, as the model's were.
 
   Raises:
     SubsetError: if a name is both a leaf and a prefix of another name.
@@ -94,7 +110,7 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     if last in node:
       raise SubsetError(f"tensor name {name!r} is also the prefix of other tensor names")
     node[last] = leaf
-  return tree
+  return _as_sequences(tree)
 
 
 def safetensors_source(file: str | os.PathLike) -> ParamSource:
@@ -141,7 +157,7 @@ def save_params(params: Any, file: str | os.PathLike) -> int:
   return save_safetensors(leaves, file)
 
 
-def load_params(source: ParamSource) -> dict[str, Any]:
+def load_params(source: ParamSource) -> Any:
   """Reads every tensor of a source into its (nested) tree."""
   return jax.tree_util.tree_map_with_path(
     lambda key_path, _: source.read(_silos.path_name(key_path)), source.abstract

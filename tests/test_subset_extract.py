@@ -142,3 +142,24 @@ def test_orbax_reports_missing_items_and_directories(tmp_path):
     _subset_orbax.orbax_source(tmp_path / "seed", ("params",))
   with pytest.raises(FileNotFoundError, match="missing"):
     _subset_orbax.orbax_source(tmp_path / "missing")
+
+
+def test_params_files_of_list_models_keep_the_list_order(tmp_path):
+  """Leaves of a list are in index order in memory; files must not sort "10" before "2"."""
+  seed = [np.full(4, float(index), np.float32) for index in range(12)]
+  # Equal distances everywhere: one global silo's ties go to the earliest leaves.
+  finetuned = [leaf + 1.0 for leaf in seed]
+  in_memory = dst_optax.extract_subset(seed, finetuned, 0.25, silos=dst_optax.Global())
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  seed_file = _subset_extract.safetensors_source(tmp_path / "seed.safetensors")
+  from_files = _subset_extract.extract_subset_streaming(
+    seed_file,
+    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
+    0.25,
+    silos=dst_optax.Global(),
+  )
+  assert jax.tree.structure(_subset_extract.load_params(seed_file)) == jax.tree.structure(seed)
+  assert list(from_files.tensors) == list(in_memory.tensors) == [str(i) for i in range(12)]
+  assert_same_subset(from_files, in_memory)
+  assert [from_files.tensors[str(i)].num_changed for i in range(12)] == [4] * 3 + [0] * 9
