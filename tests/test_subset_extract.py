@@ -68,20 +68,25 @@ def assert_same_subset(actual: _subset.Subset, expected: _subset.Subset) -> None
     )
 
 
+def extract_via_files(tmp_path, seed, finetuned, fraction, silos=None, mask=None):
+  """Saves both trees as params files and extracts from the files, streaming."""
+  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
+  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  return _subset_extract.extract_subset_streaming(
+    _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
+    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
+    fraction,
+    silos or dst_optax.PerTensor(),
+    mask=mask,
+  )
+
+
 @pytest.mark.parametrize(
   "kind", ["per_tensor", "global", "groups", pytest.param("rows", marks=pytest.mark.slow)]
 )
 def test_streaming_from_safetensors_equals_in_memory_extraction(tmp_path, kind):
   seed, finetuned = make_model()
-  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
-  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
-  streamed = _subset_extract.extract_subset_streaming(
-    _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
-    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
-    0.2,
-    SILOS[kind],
-    mask=head_free,
-  )
+  streamed = extract_via_files(tmp_path, seed, finetuned, 0.2, SILOS[kind], mask=head_free)
   expected = _subset_extract.extract_subset(seed, finetuned, 0.2, SILOS[kind], mask=head_free)
   assert_same_subset(streamed, expected)
   assert_rebuilds_core_projection(streamed, seed, finetuned, SILOS[kind])
@@ -150,15 +155,8 @@ def test_params_files_of_list_models_keep_the_list_order(tmp_path):
   # Equal distances everywhere: one global silo's ties go to the earliest leaves.
   finetuned = [leaf + 1.0 for leaf in seed]
   in_memory = dst_optax.extract_subset(seed, finetuned, 0.25, silos=dst_optax.Global())
-  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
-  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
+  from_files = extract_via_files(tmp_path, seed, finetuned, 0.25, dst_optax.Global())
   seed_file = _subset_extract.safetensors_source(tmp_path / "seed.safetensors")
-  from_files = _subset_extract.extract_subset_streaming(
-    seed_file,
-    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
-    0.25,
-    silos=dst_optax.Global(),
-  )
   assert jax.tree.structure(_subset_extract.load_params(seed_file)) == jax.tree.structure(seed)
   assert list(from_files.tensors) == list(in_memory.tensors) == [str(i) for i in range(12)]
   assert_same_subset(from_files, in_memory)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import dst_optax
 from dst_optax import _subset, _subset_extract, _subset_io
+from tests.test_subset_extract import extract_via_files
 
 
 def bits(array) -> np.ndarray:
@@ -221,13 +222,8 @@ def test_scalar_leaves_round_trip_as_scalars(tmp_path):
     assert np.shape(rebuilt[path]) == np.shape(leaf)
     np.testing.assert_array_equal(rebuilt[path], leaf)
 
-  _subset_extract.save_params(seed, tmp_path / "seed.safetensors")
-  _subset_extract.save_params(finetuned, tmp_path / "finetuned.safetensors")
-  from_files = _subset_extract.extract_subset_streaming(
-    _subset_extract.safetensors_source(tmp_path / "seed.safetensors"),
-    _subset_extract.safetensors_source(tmp_path / "finetuned.safetensors"),
-    0.25,
-    mask={"w": True, "temperature": False, "step": True},
+  from_files = extract_via_files(
+    tmp_path, seed, finetuned, 0.25, mask={"w": True, "temperature": False, "step": True}
   )
   rebuilt = dst_optax.apply_subset(seed, from_files)
   for path, leaf in finetuned.items():
