@@ -184,7 +184,9 @@ def dynamic_subset_tuning(
   Args:
     fraction_of_free_params: ε in (0, 1], a float, an array (e.g. via
       ``optax.inject_hyperparams``) or a schedule of the step count. ε = 1 is full
-      fine-tuning and returns the base updates unchanged.
+      fine-tuning and returns the base updates unchanged. Traced values are not
+      checked: above 1 counts as 1; 0, below or NaN gives every silo a zero
+      budget, which resets every constrained coordinate to the seed.
     silos: how coordinates are partitioned into silos: a spec for every leaf
       (:class:`PerTensor`, :class:`PerSlice`, :func:`rows`, :func:`columns`,
       :class:`Group`, :class:`Global`, :class:`Unconstrained`), a callable
