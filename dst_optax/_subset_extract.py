@@ -405,21 +405,36 @@ def extract_subset(
   )
 
 
-def check_training_budgets(
+def check_training_state(
   params: Any,
+  trained_seed: Any,
   trained_budgets: Any,
   fraction_of_free_params: float,
   silos: _silos.Silos,
   mask: Any,
 ) -> None:
-  """Raises :class:`SubsetError` unless ε, silos and mask give training's budgets.
+  """Raises :class:`SubsetError` unless a DST state fits the extraction.
+
+  Its seed must cover every leaf of ``params`` (DST inside ``optax.multi_transform``
+  or ``optax.masked`` holds a seed for its part only), and ε, silos and mask must
+  give the budgets of its last step.
 
   Args:
     params: the parameter tree (arrays or shape structs).
+    trained_seed: the DST state's ``seed``.
     trained_budgets: the DST state's ``budget`` (its last step's per-silo budgets;
       any numeric dtype, e.g. float32 after a checkpoint restore).
     fraction_of_free_params, silos, mask: as passed to the extraction.
   """
+  seed_paths = named_leaves(trained_seed).keys()
+  params_paths = named_leaves(params).keys()
+  if seed_paths < params_paths:
+    raise SubsetError(
+      f"the DST state holds a seed for part of the params only: DST never saw "
+      f"{sorted(params_paths - seed_paths)} (it ran inside optax.multi_transform or "
+      "optax.masked); extract with dst_optax.extract_subset(seed, params, ...) against the "
+      "full seed, with a mask that is False for the leaves trained without DST (stored whole)"
+    )
   layout = _silos.build_layout(params, silos, mask)
   budgets = layout.concrete_budgets(float(fraction_of_free_params))
   trained = np.asarray(trained_budgets)
@@ -470,14 +485,5 @@ def extract_subset_from_state(
       "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
       "the first update)"
     )
-  seed_paths = named_leaves(state.seed).keys()
-  params_paths = named_leaves(params).keys()
-  if seed_paths < params_paths:
-    raise SubsetError(
-      f"the DST state holds a seed for part of the params only: DST never saw "
-      f"{sorted(params_paths - seed_paths)} (it ran inside optax.multi_transform or "
-      "optax.masked); extract with dst_optax.extract_subset(seed, params, ...) against the "
-      "full seed, with a mask that is False for the leaves trained without DST (stored whole)"
-    )
-  check_training_budgets(params, state.budget, fraction_of_free_params, silos, mask)
+  check_training_state(params, state.seed, state.budget, fraction_of_free_params, silos, mask)
   return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)

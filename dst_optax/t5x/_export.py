@@ -124,18 +124,23 @@ def export_subset(
     The saved :class:`Subset`.
 
   Raises:
-    dst_optax.SubsetError: if the checkpoint holds a DST state whose last
-      per-silo budgets differ from those of ``fraction_of_free_params``,
-      ``silos`` and ``unconstrained_patterns`` (the subset would drop
-      coordinates training changed, or count others).
+    dst_optax.SubsetError: if the checkpoint holds a DST state whose seed covers
+      part of the params only, or whose last per-silo budgets differ from those
+      of ``fraction_of_free_params``, ``silos`` and ``unconstrained_patterns``
+      (the subset would drop coordinates training changed, or count others).
   """
   finetuned = load_checkpoint(checkpoint)
   silo_specs = _factory.resolve_silos(silos)
   mask = _factory.constrained_mask(unconstrained_patterns)
   dst_states = _stored_dst_states(finetuned)
   if len(dst_states) == 1:
-    _subset_extract.check_training_budgets(
-      finetuned["target"], dst_states[0]["budget"], fraction_of_free_params, silo_specs, mask
+    _subset_extract.check_training_state(
+      finetuned["target"],
+      dst_states[0]["seed"],
+      dst_states[0]["budget"],
+      fraction_of_free_params,
+      silo_specs,
+      mask,
     )
   seed = (
     _seed_of(dst_states) if seed_checkpoint is None else load_checkpoint(seed_checkpoint)["target"]
