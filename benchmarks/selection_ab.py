@@ -10,6 +10,12 @@ run on a small tree with noisy gradients checks that both variants select the sa
 
   python benchmarks/selection_ab.py --base 7471f8e
 
+With ``--base-without-search`` the base skips its threshold search (its selections are
+wrong; no training check): what it times are the step's fixed loops, the floor that no
+search can go below::
+
+  python benchmarks/selection_ab.py --base HEAD --base-without-search --gradients noisy
+
 The base's transformation must keep the working tree's state fields.
 """
 
@@ -57,6 +63,20 @@ def transformation_at(revision: str) -> types.ModuleType:
   return transform
 
 
+def without_search(transform: types.ModuleType) -> types.ModuleType:
+  """``transform`` with its threshold search skipped: each start counts as resolved.
+
+  Every other loop of the step stays (adam's update, the keys of Δ, the masks, the
+  entry/exit counts, the final update), so its time is what DST costs beyond the
+  search. Its selections are not the top-k: for timing only.
+  """
+  transform._selection._kth_largest = lambda keys, layout, budgets, start, compact=True: (
+    start._replace(last=start.lo),
+    jnp.int32(0),
+  )
+  return transform
+
+
 @contextlib.contextmanager
 def selection_code(transform: types.ModuleType | None) -> Iterator[None]:
   """Builds DST from ``transform`` (``None``: the working tree's)."""
@@ -68,9 +88,10 @@ def selection_code(transform: types.ModuleType | None) -> Iterator[None]:
     dst_optax.dynamic_subset_tuning = saved
 
 
-def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
-  """Prints, per row, both variants' ratios to adam alone and their search passes."""
+def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> list[dict[str, Any]]:
+  """Prints and returns, per row, both variants' ratios to adam alone and their search passes."""
   variants = {"base": base, "ours": None}
+  rows = []
   for size in args.sizes:
     # The tables' inputs, so that both runs measure the same steps.
     params, grads = selection.benchmark_inputs(size, args.gradients)
@@ -95,6 +116,16 @@ def time_side_by_side(args: argparse.Namespace, base: types.ModuleType) -> None:
           f"ours/base {ours_seconds / base_seconds:.3f}",
           flush=True,
         )
+        rows.append(
+          {
+            "size": size,
+            "silos": silo_kind,
+            "fraction": fraction,
+            "ratios": {"base": base_seconds / adam_seconds, "ours": ours_seconds / adam_seconds},
+            "passes": passes,
+          }
+        )
+  return rows
 
 
 def noisy_grads(params: dict[str, jax.Array], index: int) -> dict[str, jax.Array]:
@@ -155,7 +186,8 @@ def compare_training(base: types.ModuleType, num_steps: int) -> dict[str, dict[s
   return results
 
 
-def main() -> dict[str, dict[str, Any]]:
+def main() -> dict[str, Any]:
+  """Runs the comparison: the timed rows and the training check (``None`` without search)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--base", required=True, help="git revision to compare against")
   parser.add_argument("--sizes", nargs="+", default=["16M-square", "16M"], choices=selection.SIZES)
@@ -166,11 +198,20 @@ def main() -> dict[str, dict[str, Any]]:
   parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--training-steps", type=int, default=30)
   parser.add_argument("--gradients", default="repeated", choices=selection.GRADIENTS)
+  parser.add_argument(
+    "--base-without-search",
+    action="store_true",
+    help="skip the base's threshold search: time the step's fixed loops (no training check)",
+  )
   args = parser.parse_args()
   warnings.filterwarnings("ignore", message="fraction_of_free_params=")
   base = transformation_at(args.base)
-  time_side_by_side(args, base)
-  return compare_training(base, args.training_steps)
+  if args.base_without_search:
+    return {"timings": time_side_by_side(args, without_search(base)), "training": None}
+  return {
+    "timings": time_side_by_side(args, base),
+    "training": compare_training(base, args.training_steps),
+  }
 
 
 if __name__ == "__main__":

@@ -84,10 +84,27 @@ def test_side_by_side_run_swaps_in_the_base_selection(monkeypatch):
     sys, "argv", ["selection_ab.py", *flags, "--repeats", "1", "--training-steps", "10"]
   )
   results = selection_ab.main()
-  assert set(results) == {"per_tensor", "rows", "global"}
-  for result in results.values():
+  [row] = results["timings"]
+  assert row["passes"]["base"] > 0 and row["passes"]["ours"] > 0
+  assert set(results["training"]) == {"per_tensor", "rows", "global"}
+  for result in results["training"].values():
     assert result["identical"]
     assert 0 < result["ours_passes"] < result["base_passes"]
+
+
+@pytest.mark.slow
+def test_side_by_side_run_without_the_base_search(monkeypatch):
+  """The floor: the base's step runs no search pass where the working tree's needs several."""
+  monkeypatch.syspath_prepend(str(_BENCHMARKS))
+  selection_ab = load_script("selection_ab")
+  flags = ["--sizes", "1M", "--silos", "per_tensor", "--fractions", "1e-2", "--repeats", "1"]
+  monkeypatch.setattr(
+    sys, "argv", ["selection_ab.py", "--base", "HEAD", "--base-without-search", *flags]
+  )
+  results = selection_ab.main()
+  [row] = results["timings"]
+  assert row["passes"] == {"base": 0, "ours": row["passes"]["ours"]} and row["passes"]["ours"] > 0
+  assert results["training"] is None
 
 
 @pytest.mark.slow
