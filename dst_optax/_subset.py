@@ -314,7 +314,13 @@ def check_seed(
     SubsetError: naming the first leaf whose path, shape, dtype or fingerprint
       does not match.
   """
-  seed_leaves = _leaves_fitting(seed, subset, "seed")
+  _check_fingerprints(_leaves_fitting(seed, subset, "seed"), subset, fingerprints)
+
+
+def _check_fingerprints(
+  seed_leaves: Mapping[str, Any], subset: Subset, fingerprints: Mapping[str, str] | None
+) -> None:
+  """:func:`check_seed` of seed leaves already checked for paths, shapes and dtypes."""
   fingerprints = fingerprints or {}
   for path, tensor in subset.tensors.items():
     leaf = seed_leaves[path]
@@ -332,19 +338,44 @@ def seed_fingerprints(seed: optax.Params) -> dict[str, str]:
   return {path: tensor_fingerprint(leaf) for path, leaf in named_leaves(seed).items()}
 
 
+def _at_flat(leaf: jax.Array, flat_indices: Any) -> Any:
+  """``leaf.at[…]`` at row-major flat indices, without flattening the leaf.
+
+  A flattened (reshaped) sharded array loses its sharding, and the result would
+  come back laid out otherwise; indices past the end land past axis 0's end.
+  """
+  if leaf.ndim <= 1:
+    return leaf.reshape(-1).at[flat_indices]
+  coordinates = []
+  for size in reversed(leaf.shape[1:]):
+    coordinates.append(flat_indices % size)
+    flat_indices = flat_indices // size
+  return leaf.at[(flat_indices, *reversed(coordinates))]
+
+
+def _gather(leaf: Any, indices: np.ndarray) -> Any:
+  """The values of ``leaf`` at flat ``indices``, gathered where the leaf lives
+  (so that only those coordinates of a device array reach the host)."""
+  if isinstance(leaf, jax.Array):
+    return _at_flat(leaf, indices).get()
+  return np.asarray(leaf).reshape(-1)[indices]
+
+
 def _scatter(leaf: Any, indices: np.ndarray, values: Any) -> Any:
   """A copy of ``leaf`` with ``values`` at the flat ``indices`` (NumPy or JAX, as given)."""
   if isinstance(leaf, jax.Array):
-    return leaf.reshape(-1).at[indices].set(values).reshape(leaf.shape)
+    return _at_flat(leaf, indices).set(values).reshape(leaf.shape)
   patched = np.array(leaf, copy=True)
   patched.reshape(-1)[indices] = values
   return patched
 
 
 def _patched_leaf(seed_leaf: Any, tensor: TensorSubset) -> Any:
-  if tensor.dense:
-    return jnp.asarray(tensor.values) if isinstance(seed_leaf, jax.Array) else tensor.values.copy()
-  return _scatter(seed_leaf, tensor.indices, tensor.values)
+  if not tensor.dense:
+    return _scatter(seed_leaf, tensor.indices, tensor.values)
+  if isinstance(seed_leaf, jax.Array):
+    return jax.device_put(tensor.values, seed_leaf.sharding)
+  return tensor.values.copy()
 
 
 def _map_named(tree: Any, function: Callable[[str, Any], Any]) -> Any:
@@ -364,17 +395,22 @@ def apply_subset(
   Args:
     seed: the seed parameters (NumPy or JAX leaves; the result has the same kinds).
     subset: the subset.
-    verify: check the seed's tree, shapes, dtypes and fingerprints first.
+    verify: also check the seed's fingerprints (:func:`check_seed`), which hashes
+      each seed leaf the subset changes unless ``fingerprints`` has it. Its tree,
+      shapes and dtypes are always checked.
     fingerprints: optional precomputed :func:`seed_fingerprints` of the seed.
 
   Returns:
-    The parameters: the seed with the subset's values written in.
+    The parameters: the seed with the subset's values written in, JAX leaves
+    laid out (sharded) as the seed's.
 
   Raises:
-    SubsetError: if the subset does not belong to this seed.
+    SubsetError: if the subset does not fit this seed, or (when verifying) was
+      not extracted against it.
   """
+  seed_leaves = _leaves_fitting(seed, subset, "seed")
   if verify:
-    check_seed(seed, subset, fingerprints)
+    _check_fingerprints(seed_leaves, subset, fingerprints)
   return _map_named(seed, lambda path, leaf: _patched_leaf(leaf, subset.tensors[path]))
 
 
@@ -391,8 +427,9 @@ def revert_subset(
     params: parameters with the subset applied.
     seed: the seed the subset was applied to.
     subset: the subset.
-    verify: check the seed as :func:`apply_subset` does, and that ``params``
-      hold the subset's values (bitwise) at its coordinates.
+    verify: also check the seed's fingerprints as :func:`apply_subset` does, and
+      that ``params`` hold the subset's values (bitwise) at its coordinates. The
+      trees, shapes and dtypes of both are always checked.
     fingerprints: optional precomputed :func:`seed_fingerprints` of the seed.
 
   Returns:
@@ -403,30 +440,29 @@ def revert_subset(
     SubsetError: if the subset does not belong to this seed, or (when
       verifying) ``params`` do not hold it, naming the leaf and a coordinate.
   """
+  seed_leaves = _leaves_fitting(seed, subset, "seed")
+  param_leaves = _leaves_fitting(params, subset, "params")
   if verify:
-    check_seed(seed, subset, fingerprints)
-    _check_holds(params, subset)
-  seed_leaves = named_leaves(seed)
+    _check_fingerprints(seed_leaves, subset, fingerprints)
+    _check_holds(param_leaves, subset)
 
   def revert(path: str, leaf: Any) -> Any:
     tensor = subset.tensors[path]
     seed_leaf = seed_leaves[path]
     if tensor.dense:
-      return seed_leaf
-    return _scatter(leaf, tensor.indices, np.asarray(seed_leaf).reshape(-1)[tensor.indices])
+      return seed_leaf if isinstance(seed_leaf, jax.Array) else np.array(seed_leaf, copy=True)
+    return _scatter(leaf, tensor.indices, _gather(seed_leaf, tensor.indices))
 
   return _map_named(params, revert)
 
 
-def _check_holds(params: optax.Params, subset: Subset) -> None:
-  """Raises :class:`SubsetError` unless ``params`` hold the subset's values bitwise."""
-  param_leaves = _leaves_fitting(params, subset, "params")
+def _check_holds(param_leaves: Mapping[str, Any], subset: Subset) -> None:
+  """Raises :class:`SubsetError` unless the params' leaves (checked for paths,
+  shapes and dtypes) hold the subset's values bitwise."""
   for path, tensor in subset.tensors.items():
     leaf = param_leaves[path]
     positions = _positions(tensor)
-    # Gathered where the leaf lives: only the subset's coordinates reach the host.
-    flat = leaf.reshape(-1) if isinstance(leaf, jax.Array) else np.asarray(leaf).reshape(-1)
-    held = np.asarray(flat[positions])
+    held = np.asarray(_gather(leaf, positions))
     stored = tensor.values.reshape(-1)
     differ = np.flatnonzero(_bits(held) != _bits(stored))
     if differ.size:
@@ -542,7 +578,7 @@ def compose(
   Args:
     seed: the seed parameters.
     subsets: the subsets, all extracted against ``seed``.
-    verify: check the seed's tree, shapes, dtypes and fingerprints first.
+    verify: also check the seed's fingerprints, as in :func:`apply_subset`.
 
   Returns:
     ``(params, overlaps)``: the composed parameters and the overlaps found, as
@@ -600,11 +636,13 @@ def _switch_leaf(
 ) -> jax.Array:
   if new.indices is None:
     return new.values.astype(leaf.dtype)
-  flat = leaf.reshape(-1)
-  if old is not None and old.indices is not None:
-    seed_values = seed_leaf.reshape(-1).at[old.indices].get(mode="fill", fill_value=0)
-    flat = flat.at[old.indices].set(seed_values, mode="drop")
-  return flat.at[new.indices].set(new.values, mode="drop").reshape(leaf.shape)
+  if old is not None and old.indices is None:
+    # The old task replaced the whole leaf (a dense tensor): start from the seed.
+    leaf = seed_leaf.astype(leaf.dtype)
+  elif old is not None:
+    seed_values = _at_flat(seed_leaf, old.indices).get(mode="fill", fill_value=0)
+    leaf = _at_flat(leaf, old.indices).set(seed_values, mode="drop").reshape(leaf.shape)
+  return _at_flat(leaf, new.indices).set(new.values, mode="drop").reshape(leaf.shape)
 
 
 def _switch_tree(params, seed, old, new):
@@ -615,10 +653,6 @@ def _switch_tree(params, seed, old, new):
       leaf, seed_leaves[path], None if old is None else old[path], new[path]
     ),
   )
-
-
-_switch = jax.jit(_switch_tree)
-_switch_donating = jax.jit(_switch_tree, donate_argnums=0)
 
 
 def switch_subset(
@@ -650,5 +684,8 @@ def switch_subset(
   Returns:
     The seed with ``new`` applied, bit-exactly.
   """
-  switch = _switch_donating if donate else _switch
+  # The result keeps the params' shardings (dense tensors would otherwise take
+  # their patch's), and only then can their buffers be donated.
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+  switch = jax.jit(_switch_tree, donate_argnums=0 if donate else (), out_shardings=shardings)
   return switch(params, seed, old, new)

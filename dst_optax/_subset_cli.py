@@ -235,7 +235,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     "--no-verify",
     dest="verify",
     action="store_false",
-    help="skip the seed fingerprint check",
+    help="skip the seed fingerprint check (paths, shapes and dtypes are still checked)",
   )
   apply.set_defaults(func=_apply)
 

@@ -13,6 +13,8 @@ import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import dst_optax
 from dst_optax import _subset, _subset_extract
@@ -365,6 +367,62 @@ def test_switch_subset_on_device_matches_apply(dtype, donate):
   served = _subset.switch_subset(served, device_seed, patches_a, patches_b, donate=donate)
   assert_trees_bitwise_equal(served, _subset.apply_subset(seed, subset_a))
   chex.assert_trees_all_equal_shapes_and_dtypes(served, device_seed)
+
+
+def test_switch_from_a_dense_tensor_to_a_sparse_one_starts_from_the_seed():
+  """Task A stores its new head whole; task B changes a few of the head's coordinates."""
+  rng = np.random.default_rng(11)
+  seed, task_a = make_model(rng, np.float32)
+  _, task_b = make_model(rng, np.float32)
+  subset_a = _subset_extract.extract_subset(seed, task_a, 0.1, mask=head_free)
+  subset_b = _subset_extract.extract_subset(seed, task_b, 0.1)
+  assert subset_a.tensors["head"].dense and not subset_b.tensors["head"].dense
+  device_seed = jax.tree.map(jnp.asarray, seed)
+  patches_a, patches_b = _subset.device_patches(subset_a), _subset.device_patches(subset_b)
+  served = _subset.switch_subset(jax.tree.map(jnp.copy, device_seed), device_seed, patches_a)
+  served = _subset.switch_subset(served, device_seed, patches_b, patches_a)
+  assert_trees_bitwise_equal(served, _subset.apply_subset(seed, subset_b))
+
+
+def test_sharded_params_keep_their_sharding_through_apply_revert_and_switch():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  rng = np.random.default_rng(12)
+  seed, task_a = make_model(rng, np.float32)
+  _, task_b = make_model(rng, np.float32)
+  subset_a = _subset_extract.extract_subset(seed, task_a, 0.1, mask=head_free)
+  subset_b = _subset_extract.extract_subset(seed, task_b, 0.2)
+  specs = {"encoder": {"kernel": P("data", "model"), "bias": P("model")}, "head": P(None, None)}
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+  device_seed = jax.device_put(seed, shardings)
+
+  def assert_laid_out_as_the_seed(tree):
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+      assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (leaf.sharding, sharding)
+
+  applied = _subset.apply_subset(device_seed, subset_a)
+  assert_laid_out_as_the_seed(applied)
+  assert_trees_bitwise_equal(applied, _subset.apply_subset(seed, subset_a))
+  reverted = _subset.revert_subset(applied, device_seed, subset_a)
+  assert_laid_out_as_the_seed(reverted)
+  assert_trees_bitwise_equal(reverted, seed)
+  served = jax.tree.map(jnp.copy, device_seed)
+  patches_a, patches_b = _subset.device_patches(subset_a), _subset.device_patches(subset_b)
+  switched = _subset.switch_subset(served, device_seed, patches_a)
+  # Laid out as they came, the sparse leaves' buffers were reused in place.
+  assert served["encoder"]["kernel"].is_deleted()
+  assert_laid_out_as_the_seed(switched)
+  switched = _subset.switch_subset(switched, device_seed, patches_b, patches_a)
+  assert_laid_out_as_the_seed(switched)
+  assert_trees_bitwise_equal(switched, _subset.apply_subset(seed, subset_b))
+
+
+def test_apply_without_verify_still_checks_tree_shapes_and_dtypes():
+  seed, finetuned = make_model(np.random.default_rng(13), np.float32)
+  subset = _subset_extract.extract_subset(seed, finetuned, 0.1)
+  with pytest.raises(_subset.SubsetError, match="'head' has dtype float16"):
+    _subset.apply_subset({**seed, "head": seed["head"].astype(np.float16)}, subset, verify=False)
+  with pytest.raises(_subset.SubsetError, match="'head' has shape"):
+    _subset.revert_subset(seed, {**seed, "head": seed["head"].T}, subset, verify=False)
 
 
 def test_apply_keeps_jax_leaves_on_device():

@@ -89,6 +89,30 @@ def test_wrong_seed_fails_with_a_clear_error(tmp_path, checkpoints, capsys):
 
 
 @pytest.mark.parametrize(
+  ("change", "message"),
+  [
+    (lambda seed: {**seed, "head": seed["head"].astype(np.float16)}, "has dtype float16"),
+    (lambda seed: {**seed, "head": seed["head"].T.copy()}, "has shape (2, 16)"),
+    (lambda seed: {"encoder": seed["encoder"]}, "tensors missing from the seed ['head']"),
+  ],
+  ids=["dtype", "shape", "tree"],
+)
+def test_no_verify_skips_only_the_fingerprints(tmp_path, checkpoints, capsys, change, message):
+  subset_file = tmp_path / "a.subset"
+  assert extract(checkpoints, "a", subset_file) == 0
+  seed = _subset_extract.load_params(_subset_extract.safetensors_source(checkpoints["seed"]))
+  output = tmp_path / "out.safetensors"
+  # Another seed of the same layout is taken unchecked, as asked.
+  other_seed = tmp_path / "other.safetensors"
+  _subset_extract.save_params(jax.tree.map(lambda x: x + 1, seed), other_seed)
+  assert run("apply", other_seed, subset_file, "-o", output, "--no-verify") == 0
+  capsys.readouterr()
+  _subset_extract.save_params(change(seed), other_seed)
+  assert run("apply", other_seed, subset_file, "-o", output, "--no-verify") == 2
+  assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
   ("arguments", "message"),
   [
     (("inspect", "{tmp}/missing.subset"), "does not exist"),
