@@ -43,7 +43,7 @@ from dst_optax._subset import (
   tensor_fingerprint,
   tensor_subset,
 )
-from dst_optax._transform import DynamicSubsetTuningState, project_to_budget
+from dst_optax._transform import DynamicSubsetTuningState, _check_fraction, project_to_budget
 
 # safetensors dtype codes.
 _SAFETENSORS_DTYPES = {
@@ -317,6 +317,13 @@ def extract_subset_streaming(
   Returns:
     The same :class:`Subset` as :func:`extract_subset` on the loaded trees.
   """
+  # Checked here for every silo kind: shared silos never reach project_to_budget.
+  if callable(fraction_of_free_params):
+    raise TypeError(
+      "fraction_of_free_params must be the number ε of the training step the params come "
+      f"from, not a schedule; got {fraction_of_free_params!r}"
+    )
+  _check_fraction(fraction_of_free_params)
   abstract_leaves = _check_sources(seed, finetuned)
   layout = _silos.build_layout(finetuned.abstract, silos, mask)
   _check_dtypes_jax_keeps(abstract_leaves, layout)

@@ -161,3 +161,13 @@ def test_params_files_of_list_models_keep_the_list_order(tmp_path):
   assert list(from_files.tensors) == list(in_memory.tensors) == [str(i) for i in range(12)]
   assert_same_subset(from_files, in_memory)
   assert [from_files.tensors[str(i)].num_changed for i in range(12)] == [4] * 3 + [0] * 9
+
+
+@pytest.mark.parametrize("kind", ["per_tensor", "global", "groups"])
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 2.0, float("nan")])
+def test_fraction_outside_unit_interval_is_rejected_for_every_silo_kind(kind, fraction):
+  seed, finetuned = make_model()
+  with pytest.raises(ValueError, match=r"must lie in \(0, 1\]; got"):
+    dst_optax.extract_subset(seed, finetuned, fraction, SILOS[kind])
+  with pytest.raises(TypeError, match="not a schedule"):
+    dst_optax.extract_subset(seed, finetuned, lambda step: 0.1, SILOS[kind])
