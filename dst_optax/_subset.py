@@ -548,12 +548,15 @@ def compose_subsets(subsets: Sequence[Subset]) -> tuple[Subset, list[Overlap]]:
   """
   if not subsets:
     raise SubsetError("compose needs at least one subset")
+  # Matched by path: one model's subsets may list their tensors in other orders
+  # (a dict with keys "0" … "10" in memory, the same tree read from a params file).
   paths = list(subsets[0].tensors)
   for position, subset in enumerate(subsets[1:], start=1):
-    if list(subset.tensors) != paths:
+    if subset.tensors.keys() != set(paths):
       raise SubsetError(
-        f"subset {position} has tensors {sorted(subset.tensors)} but subset 0 has "
-        f"{sorted(paths)}: they belong to different models"
+        f"subset {position} has tensors subset 0 lacks "
+        f"{sorted(subset.tensors.keys() - set(paths))} and lacks tensors of subset 0 "
+        f"{sorted(set(paths) - subset.tensors.keys())}: they belong to different models"
       )
   tensors = {}
   overlaps = []

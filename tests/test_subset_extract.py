@@ -171,3 +171,23 @@ def test_fraction_outside_unit_interval_is_rejected_for_every_silo_kind(kind, fr
     dst_optax.extract_subset(seed, finetuned, fraction, SILOS[kind])
   with pytest.raises(TypeError, match="not a schedule"):
     dst_optax.extract_subset(seed, finetuned, lambda step: 0.1, SILOS[kind])
+
+
+def test_compose_matches_tensors_by_path_whatever_their_order(tmp_path):
+  """Keys "0" … "10" sort as strings in memory; read from a params file they are a list."""
+  rng = np.random.default_rng(1)
+  seed = {"layers": {str(i): rng.normal(size=(8,)).astype(np.float32) for i in range(11)}}
+  task_a = jax.tree.map(lambda x: x + 1.0, seed)
+  task_b = jax.tree.map(lambda x: x - rng.normal(size=x.shape).astype(np.float32), seed)
+  in_memory = dst_optax.extract_subset(seed, task_a, 0.25)
+  from_files = extract_via_files(tmp_path, seed, task_b, 0.25)
+  assert list(in_memory.tensors) != list(from_files.tensors)
+  composed, _ = dst_optax.compose(seed, [in_memory, from_files])
+  expected = dst_optax.apply_subset(
+    dst_optax.apply_subset(seed, in_memory), from_files, verify=False
+  )
+  for path, leaf in _subset.named_leaves(expected).items():
+    np.testing.assert_array_equal(_subset.named_leaves(composed)[path], leaf, err_msg=path)
+  del seed["layers"]["10"], task_a["layers"]["10"]
+  with pytest.raises(_subset.SubsetError, match=r"lacks tensors of subset 0 \['layers/10'\]"):
+    dst_optax.compose_subsets([from_files, dst_optax.extract_subset(seed, task_a, 0.25)])
