@@ -88,6 +88,11 @@ Silos: TypeAlias = SiloSpec | SiloSpecFn | Any  # Any: a pytree (prefix) of spec
 SPEC_TYPES = (PerTensor, PerSlice, Group, Unconstrained)
 # Selection counts in int32 and breaks ties by positions below 2^31 − 1.
 MAX_SILO_SIZE = 2**31 - 2
+# Floating-point dtypes whose distances DST ranks; narrower floats (float8, float4)
+# do not promote to float32 implicitly, and their files could not be read back.
+CONSTRAINED_DTYPES = tuple(
+  np.dtype(dtype) for dtype in (np.float16, jnp.bfloat16, np.float32, np.float64)
+)
 
 
 def rows(budget_scale: float = 1.0) -> PerSlice:
@@ -279,7 +284,8 @@ def build_layout(params: optax.Params, silos: Silos, mask: Any = None) -> SiloLa
     The static :class:`SiloLayout`. Non-floating-point leaves are unconstrained.
 
   Raises:
-    ValueError / TypeError naming the leaf whose spec does not fit.
+    ValueError / TypeError naming the leaf whose spec does not fit, or a
+      constrained leaf of a float dtype outside :data:`CONSTRAINED_DTYPES`.
   """
   leaves_with_paths = jax.tree_util.tree_leaves_with_path(params)
   specs = _spec_per_leaf(silos, params)
@@ -296,6 +302,13 @@ def build_layout(params: optax.Params, silos: Silos, mask: Any = None) -> SiloLa
     if not flag or not floating or isinstance(spec, Unconstrained) or np.size(leaf) == 0:
       leaves.append(None)
       continue
+    dtype = np.dtype(jnp.result_type(leaf))
+    if dtype not in CONSTRAINED_DTYPES:
+      raise TypeError(
+        f"leaf {path!r} has dtype {dtype}, which DST cannot constrain (it ranks "
+        f"{', '.join(map(str, CONSTRAINED_DTYPES))} leaves); leave it out with the mask "
+        "or an Unconstrained() silo spec"
+      )
     scale = _validate_scale(path, spec)
     shape = np.shape(leaf)
     if isinstance(spec, PerSlice):

@@ -32,12 +32,30 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import safetensors.numpy
 
 from dst_optax import _distances, _silos
 
+# safetensors dtype codes that dst_optax reads (NumPy has no float8 types to read into).
+SAFETENSORS_DTYPES = {
+  "BOOL": np.dtype(bool),
+  "U8": np.dtype(np.uint8),
+  "I8": np.dtype(np.int8),
+  "I16": np.dtype(np.int16),
+  "U16": np.dtype(np.uint16),
+  "I32": np.dtype(np.int32),
+  "U32": np.dtype(np.uint32),
+  "I64": np.dtype(np.int64),
+  "U64": np.dtype(np.uint64),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F32": np.dtype(np.float32),
+  "F64": np.dtype(np.float64),
+  "C64": np.dtype(np.complex64),
+}
 # Largest tensor that int32 flat indices can address.
 MAX_TENSOR_SIZE = np.iinfo(np.int32).max
 # Budget recorded for dense tensors, which DST does not constrain.
@@ -147,7 +165,15 @@ def save_safetensors(
   Raises:
     FileNotFoundError: naming the directory, if it does not exist (safetensors
       would name a temporary file instead).
+    SubsetError: naming a tensor of a dtype that could not be read back.
   """
+  readable = set(SAFETENSORS_DTYPES.values())
+  for name, array in arrays.items():
+    if array.dtype not in readable:
+      raise SubsetError(
+        f"tensor {name!r} has dtype {array.dtype}, which dst_optax could not read back from "
+        f"a file (it reads {', '.join(sorted(map(str, readable)))})"
+      )
   directory = os.path.dirname(os.path.abspath(os.fspath(file)))
   if not os.path.isdir(directory):
     raise FileNotFoundError(

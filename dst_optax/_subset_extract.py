@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import ml_dtypes
 import numpy as np
 import optax
 import safetensors
@@ -30,6 +29,7 @@ import safetensors.numpy
 
 from dst_optax import _distances, _selection, _silos
 from dst_optax._subset import (
+  SAFETENSORS_DTYPES,
   LeafBudget,
   Subset,
   SubsetError,
@@ -44,23 +44,6 @@ from dst_optax._subset import (
   tensor_subset,
 )
 from dst_optax._transform import DynamicSubsetTuningState, _check_fraction, project_to_budget
-
-# safetensors dtype codes.
-_SAFETENSORS_DTYPES = {
-  "BOOL": np.dtype(bool),
-  "U8": np.dtype(np.uint8),
-  "I8": np.dtype(np.int8),
-  "I16": np.dtype(np.int16),
-  "U16": np.dtype(np.uint16),
-  "I32": np.dtype(np.int32),
-  "U32": np.dtype(np.uint32),
-  "I64": np.dtype(np.int64),
-  "U64": np.dtype(np.uint64),
-  "F16": np.dtype(np.float16),
-  "BF16": np.dtype(ml_dtypes.bfloat16),
-  "F32": np.dtype(np.float32),
-  "F64": np.dtype(np.float64),
-}
 
 
 class ParamSource(NamedTuple):
@@ -130,7 +113,7 @@ def safetensors_source(file: str | os.PathLike) -> ParamSource:
       abstract = {}
       for name in reader.keys():  # noqa: SIM118
         tensor_slice = reader.get_slice(name)
-        dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+        dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
         if dtype is None:
           raise SubsetError(
             f"tensor {name!r} of {file!r} has dtype {tensor_slice.get_dtype()}, which "

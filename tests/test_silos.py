@@ -61,6 +61,22 @@ def test_group_scale_conflict_and_bad_scale_name_the_leaf():
     _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=-1.0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_constrained_leaves_of_narrow_floats_are_refused_naming_the_leaf(dtype):
+  params = {**PARAMS, "scales": jnp.zeros(4, dtype)}
+  with pytest.raises(TypeError, match=f"leaf 'scales' has dtype {jnp.dtype(dtype)}"):
+    _silos.build_layout(params, dst_optax.PerTensor())
+  with pytest.raises(TypeError, match="leaf 'scales'"):
+    dst_optax.dynamic_subset_tuning(0.5).update(
+      params, dst_optax.dynamic_subset_tuning(0.5).init(params), params
+    )
+  # Left out, they are carried along unconstrained.
+  layout = _silos.build_layout(
+    params, {**dict.fromkeys(PARAMS, dst_optax.PerTensor()), "scales": dst_optax.Unconstrained()}
+  )
+  assert layout.leaves[list(params).index("scales")] is None
+
+
 def test_spec_tree_and_mask_must_match_the_params():
   with pytest.raises(ValueError, match="`silos` must be a silo spec"):
     _silos.build_layout(PARAMS, {"a": dst_optax.rows(), "zzz": dst_optax.PerTensor()})
