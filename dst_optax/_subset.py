@@ -165,7 +165,8 @@ def save_safetensors(
   Raises:
     FileNotFoundError: naming the directory, if it does not exist (safetensors
       would name a temporary file instead).
-    SubsetError: naming a tensor of a dtype that could not be read back.
+    SubsetError: naming a tensor of a dtype that could not be read back, or the
+      file if it cannot be written.
   """
   readable = set(SAFETENSORS_DTYPES.values())
   for name, array in arrays.items():
@@ -179,7 +180,13 @@ def save_safetensors(
     raise FileNotFoundError(
       f"cannot write {os.fspath(file)!r}: the directory {directory!r} does not exist"
     )
-  safetensors.numpy.save_file(dict(arrays), os.fspath(file), metadata=metadata)
+  if os.path.isdir(file):
+    raise SubsetError(f"cannot write {os.fspath(file)!r}: it is a directory")
+  try:
+    safetensors.numpy.save_file(dict(arrays), os.fspath(file), metadata=metadata)
+  except (safetensors.SafetensorError, OSError) as error:
+    # safetensors names its temporary file, not the one asked for.
+    raise SubsetError(f"cannot write {os.fspath(file)!r} ({error})") from None
   return os.path.getsize(file)
 
 

@@ -54,6 +54,15 @@ def _open_source(path: str, item: str) -> ParamSource:
   return safetensors_source(path)
 
 
+def _regex(text: str) -> str:
+  """argparse type of a tensor-path pattern: a valid regular expression."""
+  try:
+    re.compile(text)
+  except re.error as error:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({error})") from None
+  return text
+
+
 def _fraction(text: str) -> float:
   """argparse type of ε: a number in (0, 1]."""
   try:
@@ -213,6 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   extract.add_argument("--distance", choices=("absolute", "relative"), default="absolute")
   extract.add_argument(
     "--unconstrained",
+    type=_regex,
     metavar="REGEX",
     help="tensors whose a/b/c path matches are stored whole (e.g. a new head)",
   )

@@ -169,6 +169,8 @@ def _corrupt(file: str | os.PathLike, reason: str) -> SubsetError:
 
 def _read(file: str | os.PathLike) -> tuple[dict[str, str], dict[str, np.ndarray]]:
   """Metadata and tensors of a safetensors file, with file errors made readable."""
+  if os.path.isdir(file):
+    raise SubsetError(f"{os.fspath(file)!r} is a directory, not a subset file")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"subset file {os.fspath(file)!r} does not exist")
   try:

@@ -123,6 +123,8 @@ def test_no_verify_skips_only_the_fingerprints(tmp_path, checkpoints, capsys, ch
       ("extract", "{seed}", "{seed}", "-o", "{tmp}/no_dir/x", "-e", "0.1"),
       "no_dir' does not exist",
     ),
+    (("extract", "{seed}", "{seed}", "-o", "{tmp}", "-e", "0.1"), "it is a directory"),
+    (("inspect", "{tmp}"), "is a directory, not a subset file"),
   ],
 )
 def test_bad_inputs_exit_with_status_2_and_a_message(
@@ -150,6 +152,13 @@ def test_fraction_outside_unit_interval_is_a_usage_error(tmp_path, checkpoints, 
     run("extract", checkpoints["seed"], checkpoints["a"], "-o", tmp_path / "x", "-e", fraction)
   assert exit_info.value.code == 2
   assert "ε must" in capsys.readouterr().err
+
+
+def test_bad_path_pattern_is_a_usage_error(tmp_path, checkpoints, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    extract(checkpoints, "a", tmp_path / "x", "--unconstrained", "(")
+  assert exit_info.value.code == 2
+  assert "'(' is not a regular expression" in capsys.readouterr().err
 
 
 def test_train_export_and_rebuild_from_the_command_line(tmp_path):
