@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -182,6 +182,63 @@ def _read(file: str | os.PathLike) -> tuple[dict[str, str], dict[str, np.ndarray
   return metadata, arrays
 
 
+# Fields of a tensor's metadata entry and their JSON types.
+_ENTRY_FIELDS = {
+  "path": str,
+  "name": str,
+  "shape": list,
+  "dtype": str,
+  "budget": int,
+  "silo": str,
+  "seed_fingerprint": str,
+  "encoding": str,
+  "count": int,
+}
+
+
+def _metadata_field(
+  file: str | os.PathLike, metadata: Mapping[str, str], key: str, parse: Callable[[str], Any]
+) -> Any:
+  """A header field, parsed; a missing or unparsable one makes the file invalid."""
+  if key not in metadata:
+    raise _corrupt(file, f"its metadata has no {key!r}")
+  try:
+    return parse(metadata[key])
+  except ValueError:
+    raise _corrupt(file, f"its metadata's {key} is {metadata[key]!r}") from None
+
+
+def _read_subset_file(
+  file: str | os.PathLike,
+) -> tuple[dict[str, str], list[dict[str, Any]], dict[str, np.ndarray]]:
+  """The metadata, the tensors' entries (checked for fields and types) and the arrays
+  of a subset file of the version this code reads."""
+  metadata, arrays = _read(file)
+  if metadata.get("format") != FORMAT:
+    raise _corrupt(file, f"its metadata does not say format={FORMAT!r}; not a subset file")
+  if metadata.get("format_version") != str(FORMAT_VERSION):
+    raise _corrupt(
+      file,
+      f"format_version {metadata.get('format_version')!r} is not supported (this "
+      f"dst_optax reads version {FORMAT_VERSION})",
+    )
+  entries = _metadata_field(file, metadata, "tensors", json.loads)
+  if not isinstance(entries, list):
+    raise _corrupt(file, f"its metadata's tensors are a {type(entries).__name__}, not a list")
+  for position, entry in enumerate(entries):
+    where = f"tensor entry {position}"
+    if not isinstance(entry, dict):
+      raise _corrupt(file, f"{where} is a {type(entry).__name__}, not an object")
+    for field, kind in _ENTRY_FIELDS.items():
+      value = entry.get(field)
+      # bool is an int to Python, not to the format.
+      if not isinstance(value, kind) or isinstance(value, bool):
+        raise _corrupt(file, f"{where} has {field} {value!r}, not a {kind.__name__}")
+    if not all(isinstance(size, int) and size >= 0 for size in entry["shape"]):
+      raise _corrupt(file, f"{where} has shape {entry['shape']!r}")
+  return metadata, entries, arrays
+
+
 def _decode_indices(
   file: str | os.PathLike, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> np.ndarray | None:
@@ -269,30 +326,21 @@ def load_subset(file: str | os.PathLike) -> Subset:
     SubsetError: if the file is not a valid subset file (wrong format or version,
       corrupt bytes, indices out of range or unsorted, counts over budget).
   """
-  metadata, arrays = _read(file)
-  if metadata.get("format") != FORMAT:
-    raise _corrupt(file, f"its metadata does not say format={FORMAT!r}; not a subset file")
-  if metadata.get("format_version") != str(FORMAT_VERSION):
-    raise _corrupt(
-      file,
-      f"format_version {metadata.get('format_version')!r} is not supported (this "
-      f"dst_optax reads version {FORMAT_VERSION})",
-    )
+  metadata, entries, arrays = _read_subset_file(file)
   if _payload_digest(arrays) != metadata.get("payload_sha256"):
     raise _corrupt(file, "its tensor bytes do not match payload_sha256 (corrupted)")
-  try:
-    entries = json.loads(metadata["tensors"])
-    tensors = {entry["path"]: _tensor_subset(file, entry, arrays) for entry in entries}
-    subset = Subset(
-      tensors,
-      float(metadata["fraction_of_free_params"]),
-      metadata["silos"],
-      metadata["distance"],
-    )
-  except (KeyError, TypeError, json.JSONDecodeError) as error:
-    raise _corrupt(file, f"its metadata is malformed ({error!r})") from None
+  tensors = {entry["path"]: _tensor_subset(file, entry, arrays) for entry in entries}
+  fraction = _metadata_field(file, metadata, "fraction_of_free_params", float)
+  if not 0.0 < fraction <= 1.0:
+    raise _corrupt(file, f"its fraction_of_free_params {fraction!r} lies outside (0, 1]")
+  subset = Subset(
+    tensors,
+    fraction,
+    _metadata_field(file, metadata, "silos", str),
+    _metadata_field(file, metadata, "distance", str),
+  )
   _check_budgets(file, tensors)
-  if combined_seed_fingerprint(subset) != metadata["seed_fingerprint"]:
+  if combined_seed_fingerprint(subset) != metadata.get("seed_fingerprint"):
     raise _corrupt(file, "seed_fingerprint does not match the per-tensor fingerprints")
   return subset
 
@@ -307,14 +355,15 @@ def file_summary(file: str | os.PathLike) -> dict[str, Any]:
     plus the value per changed coordinate; ``dense_bytes``; and
     ``bytes_per_free_param``, ``sparse_bytes / num_sparse``.
   """
-  metadata, arrays = _read(file)
-  entries = json.loads(metadata.get("tensors", "[]"))
+  _, entries, arrays = _read_subset_file(file)
   tensor_bytes = {}
   num_sparse = sparse_bytes = ideal_bytes = dense_bytes = 0
   for entry in entries:
     names = [f"{entry['name']}.{suffix}" for suffix in ("values", "indices", "index_deltas")]
     tensor_bytes[entry["path"]] = sum(arrays[name].nbytes for name in names if name in arrays)
-    values = arrays[names[0]]
+    values = arrays.get(names[0])
+    if values is None:
+      raise _corrupt(file, f"tensor {entry['path']!r} has no '{names[0]}'")
     if entry["encoding"] == _DENSE:
       dense_bytes += values.nbytes
     else:

@@ -166,6 +166,16 @@ def corrupt_counts(file):
   rewrite_metadata(file, tensors=json.dumps(entries))
 
 
+def corrupt_entry(field, value):
+  def corrupt(file):
+    with safetensors.safe_open(file, framework="numpy") as reader:
+      entries = json.loads(reader.metadata()["tensors"])
+    entries[0][field] = value
+    rewrite_metadata(file, tensors=json.dumps(entries))
+
+  return corrupt
+
+
 @pytest.mark.parametrize(
   ("corrupt", "message"),
   [
@@ -174,8 +184,15 @@ def corrupt_counts(file):
     (corrupt_garbage, "not a readable safetensors file"),
     (corrupt_version, "format_version '99'"),
     (corrupt_other_format, "not a subset file"),
-    (corrupt_tensor_list, "metadata is malformed"),
+    (corrupt_tensor_list, "metadata's tensors is '\\[{\\]'"),
     (corrupt_counts, "stores .* values, not"),
+    (lambda file: rewrite_metadata(file, fraction_of_free_params="abc"), "is 'abc'"),
+    (lambda file: rewrite_metadata(file, fraction_of_free_params="7.0"), r"7.0 lies outside"),
+    (lambda file: rewrite_metadata(file, fraction_of_free_params="nan"), r"nan lies outside"),
+    (lambda file: rewrite_metadata(file, tensors='{"path": 1}'), "are a dict, not a list"),
+    (corrupt_entry("budget", "x"), "entry 0 has budget 'x', not a int"),
+    (corrupt_entry("silo", 5), "entry 0 has silo 5, not a str"),
+    (corrupt_entry("shape", [3, -1]), r"entry 0 has shape \[3, -1\]"),
   ],
 )
 def test_corrupt_files_fail_with_a_clear_error(tmp_path, corrupt, message):
@@ -185,6 +202,12 @@ def test_corrupt_files_fail_with_a_clear_error(tmp_path, corrupt, message):
   corrupt(file)
   with pytest.raises(_subset.SubsetError, match=message):
     _subset_io.load_subset(file)
+
+
+def test_summary_of_a_file_that_is_not_a_subset_is_refused(tmp_path):
+  _subset_extract.save_params({"w": np.ones(3, np.float32)}, tmp_path / "params.safetensors")
+  with pytest.raises(_subset.SubsetError, match="not a subset file"):
+    _subset_io.file_summary(tmp_path / "params.safetensors")
 
 
 def test_out_of_range_or_unsorted_indices_are_rejected(tmp_path):
