@@ -190,7 +190,7 @@ def _silo_sums(operands: tuple[jax.Array, ...], leaf: LeafSilos) -> tuple[jax.Ar
     sums = lax.platform_dependent(*operands, cpu=minor_axis_first, default=at_once)
   else:
     sums = at_once(*operands)
-  return tuple(total.reshape(leaf.num_silos) for total in sums)
+  return tuple(_replicated(total.reshape(leaf.num_silos)) for total in sums)
 
 
 def _join_silos(per_leaf: list[jax.Array | None], layout: SiloLayout) -> jax.Array:
@@ -370,6 +370,36 @@ def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax
   )
 
 
+def _explicitly_sharded(array: jax.Array) -> bool:
+  """Whether ``array`` is sharded over explicit mesh axes (``jax.set_mesh``), whose
+  operations must spell out the shardings they cannot infer."""
+  mesh = jax.typeof(array).sharding.mesh
+  return any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types)
+
+
+def _replicated(array: jax.Array) -> jax.Array:
+  """Per-silo values summed from sharded leaves, replicated like the rest of the
+  per-silo state (under explicit sharding they keep the leaf's silo-axis sharding)."""
+  if not _explicitly_sharded(array):
+    return array
+  return jax.sharding.reshard(
+    array, jax.typeof(array).sharding.update(spec=jax.sharding.PartitionSpec())
+  )
+
+
+def _take_slices(array: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
+  """``jnp.take(array, indices, axis)`` (clipped), under explicit sharding too,
+  where the output sharding is the array's, replicated along ``axis``."""
+  out_sharding = None
+  if _explicitly_sharded(array):
+    sharding = jax.typeof(array).sharding
+    spec = [*sharding.spec, *[None] * (array.ndim - len(sharding.spec))]
+    spec[axis] = None
+    out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*spec))
+  index = (slice(None),) * axis + (indices,)
+  return array.at[index].get(mode="clip", out_sharding=out_sharding)
+
+
 def _constant(value: jax.Array | None) -> Callable[[], jax.Array] | None:
   return None if value is None else lambda: value
 
@@ -436,7 +466,7 @@ def _kth_largest(
           .set(jnp.arange(leaf.num_silos, dtype=jnp.int32), mode="drop")
         )
         counts = _leaf_slot_counts(
-          jnp.take(leaf_keys(), indices, axis=leaf.axis, mode="clip"),
+          _take_slices(leaf_keys(), indices, leaf.axis),
           leaf._replace(num_silos=cap),
           leaf_thresholds[indices],
         )

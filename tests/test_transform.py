@@ -495,9 +495,13 @@ def test_flax_linen_and_nnx_parameter_trees():
   assert 0 < changed_count(after, before) <= 6 + 1
 
 
-def test_sharded_run_equals_unsharded_and_state_follows_param_sharding():
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_sharded_run_equals_unsharded_and_state_follows_param_sharding(axis_type):
   devices = np.array(jax.devices()[:8]).reshape(4, 2)
-  mesh = jax.sharding.Mesh(devices, ("data", "model"))
+  mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(axis_type,) * 2)
+  # Explicit axes (sharding in types) hold only inside a mesh context.
+  explicit = axis_type == jax.sharding.AxisType.Explicit
+  in_mesh = lambda: jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
   spec = jax.sharding.PartitionSpec
   params = {"a": jax.random.normal(jax.random.PRNGKey(0), (64, 32)), "b": jnp.ones((32,))}
   shardings = {
@@ -508,12 +512,14 @@ def test_sharded_run_equals_unsharded_and_state_follows_param_sharding():
     dst_optax.PerTensor(),
     dst_optax.Global(),
     {"a": dst_optax.rows(), "b": dst_optax.PerTensor()},
+    {"a": dst_optax.columns(), "b": dst_optax.PerTensor()},
   ):
     tx = optax.chain(optax.adam(1e-2), dst_optax.dynamic_subset_tuning(0.05, silos=silos))
     grad_fn = lambda p, i: jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
     want, want_state = train(tx, params, num_steps=3, grad_fn=grad_fn)
-    sharded = jax.device_put(params, shardings)
-    have, state = train(tx, sharded, num_steps=3, grad_fn=grad_fn)
+    with in_mesh():
+      sharded = jax.device_put(params, shardings)
+      have, state = train(tx, sharded, num_steps=3, grad_fn=grad_fn)
     chex.assert_trees_all_equal(have, want)
     dst_state = dst_optax.find_state(state)
     # The per-silo statistics and thresholds too (small vectors are easy to mis-partition).
