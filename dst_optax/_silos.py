@@ -88,6 +88,7 @@ Silos: TypeAlias = SiloSpec | SiloSpecFn | Any  # Any: a pytree (prefix) of spec
 SPEC_TYPES = (PerTensor, PerSlice, Group, Unconstrained)
 # Selection counts in int32 and breaks ties by positions below 2^31 − 1.
 MAX_SILO_SIZE = 2**31 - 2
+_LARGEST_FLOAT32_BELOW_2_31 = 2**31 - 128
 # Floating-point dtypes whose distances DST ranks; narrower floats (float8, float4)
 # do not promote to float32 implicitly, and their files could not be read back.
 CONSTRAINED_DTYPES = tuple(
@@ -156,28 +157,35 @@ class SiloLayout(NamedTuple):
     return len(self.silo_sizes)
 
   def budgets(self, fraction_of_free_params: Any) -> jax.Array:
-    """Per-silo budgets ``floor(min(1, ε · scale) · |S|)`` as int32.
+    """Per-silo budgets ``floor(min(1, ε · scale) · |S|)``, within ``[0, |S|]``, as int32.
 
-    A concrete ε is evaluated in float64; a traced one (``inject_hyperparams``,
-    schedules) in its own dtype, usually float32.
+    Evaluated in ε's precision, concrete or traced alike, so that a step's
+    budgets do not depend on whether it is jitted: float64 for a Python number
+    (a constant ε), the array's float dtype (float32 unless x64 is on) for an
+    array ε, as ``optax.inject_hyperparams`` and schedules give.
     """
-    if isinstance(fraction_of_free_params, jax.core.Tracer):
-      fractions = jnp.minimum(fraction_of_free_params * self.budget_scales, 1.0)
-      budgets = jnp.floor(fractions * self.silo_sizes)
-      return jnp.clip(budgets, 0, self.silo_sizes).astype(jnp.int32)
-    return jnp.asarray(self.concrete_budgets(float(fraction_of_free_params)), dtype=jnp.int32)
+    if isinstance(fraction_of_free_params, (int, float)):
+      return jnp.asarray(self.concrete_budgets(float(fraction_of_free_params)), jnp.int32)
+    fraction = jnp.asarray(fraction_of_free_params)
+    dtype = jnp.promote_types(fraction.dtype, jnp.float32)
+    fractions = jnp.minimum(fraction.astype(dtype) * self.budget_scales.astype(dtype), 1.0)
+    budgets = jnp.nan_to_num(jnp.floor(fractions * self.silo_sizes.astype(dtype)), nan=0.0)
+    # Clipped as floats below 2^31 first: a float32 |S| near 2^31 rounds up.
+    budgets = jnp.clip(budgets, 0.0, _LARGEST_FLOAT32_BELOW_2_31).astype(jnp.int32)
+    return jnp.minimum(budgets, self.silo_sizes.astype(np.int32))
 
   def concrete_budgets(
     self, fraction_of_free_params: float, dtype: type[np.floating] = np.float64
   ) -> np.ndarray:
-    """Per-silo budgets for a concrete ε, in NumPy, usable while tracing.
+    """:meth:`budgets` in NumPy, for a concrete ε evaluated in ``dtype``.
 
-    Computed in ``dtype``: float64, as for a concrete ε, or float32, as a
-    traced ε gives them.
+    float64 gives a constant ε's budgets, float32 those of a float32 array ε
+    (the same IEEE operations as :meth:`budgets` runs on device).
     """
     fraction = np.asarray(fraction_of_free_params, dtype)
     fractions = np.minimum(fraction * self.budget_scales.astype(dtype), dtype(1.0))
-    return np.floor(fractions * self.silo_sizes.astype(dtype)).astype(np.int64)
+    budgets = np.floor(fractions * self.silo_sizes.astype(dtype))
+    return np.clip(np.nan_to_num(budgets), 0, self.silo_sizes).astype(np.int64)
 
   def frozen_silo_report(self, fraction_of_free_params: float) -> str | None:
     """Describes the leaves whose silos get a zero budget, or ``None``."""
@@ -365,11 +373,9 @@ def build_layout(params: optax.Params, silos: Silos, mask: Any = None) -> SiloLa
 
 
 def warn_if_frozen(layout: SiloLayout, fraction_of_free_params: Any) -> None:
-  """Warns once (per call site) when a concrete ε leaves some silos frozen."""
-  if isinstance(fraction_of_free_params, (int, float)) or (
-    isinstance(fraction_of_free_params, (np.ndarray, jax.Array))
-    and not isinstance(fraction_of_free_params, jax.core.Tracer)
-  ):
+  """Warns once (per call site) when a constant ε leaves some silos frozen (an
+  array ε, as injected, may change from step to step)."""
+  if isinstance(fraction_of_free_params, (int, float)):
     report = layout.frozen_silo_report(float(fraction_of_free_params))
     if report:
       warnings.warn(report, stacklevel=3)

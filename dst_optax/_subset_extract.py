@@ -306,6 +306,9 @@ def extract_subset_streaming(
       "fraction_of_free_params must be the number ε of the training step the params come "
       f"from, not a schedule; got {fraction_of_free_params!r}"
     )
+  if isinstance(fraction_of_free_params, jax.Array):
+    # Its value, kept in its precision: the budgets are evaluated in it.
+    fraction_of_free_params = np.asarray(fraction_of_free_params)[()]
   _check_fraction(fraction_of_free_params)
   abstract_leaves = _check_sources(seed, finetuned)
   layout = _silos.build_layout(finetuned.abstract, silos, mask)
@@ -328,7 +331,7 @@ def extract_subset_streaming(
         projected = _PROJECT_TO_BUDGET(
           finetuned_leaf,
           seed_leaf,
-          fraction_of_free_params=float(fraction_of_free_params),
+          fraction_of_free_params=fraction_of_free_params,
           silos=spec,
           distance=distance,
         )
@@ -402,12 +405,14 @@ def check_training_state(
   fraction_of_free_params: float,
   silos: _silos.Silos,
   mask: Any,
-) -> None:
-  """Raises :class:`SubsetError` unless a DST state fits the extraction.
+) -> float | np.float32:
+  """Checks that a DST state fits the extraction; returns ε to extract with.
 
   Its seed must cover every leaf of ``params`` (DST inside ``optax.multi_transform``
   or ``optax.masked`` holds a seed for its part only), and ε, silos and mask must
-  give the budgets of its last step.
+  give the budgets of its last step: in float64, as for a constant ε, or in
+  float32, as for an injected or scheduled one (see :meth:`SiloLayout.budgets`),
+  which can differ by one.
 
   Args:
     params: the parameter tree (arrays or shape structs).
@@ -415,6 +420,13 @@ def check_training_state(
     trained_budgets: the DST state's ``budget`` (its last step's per-silo budgets;
       any numeric dtype, e.g. float32 after a checkpoint restore).
     fraction_of_free_params, silos, mask: as passed to the extraction.
+
+  Returns:
+    ``fraction_of_free_params`` as a float, or as a ``np.float32`` if only float32
+    arithmetic gives the state's budgets: extracting with it keeps those budgets.
+
+  Raises:
+    SubsetError: if the state does not fit.
   """
   seed_paths = named_leaves(trained_seed).keys()
   params_paths = named_leaves(params).keys()
@@ -426,20 +438,19 @@ def check_training_state(
       "full seed, with a mask that is False for the leaves trained without DST (stored whole)"
     )
   layout = _silos.build_layout(params, silos, mask)
-  budgets = layout.concrete_budgets(float(fraction_of_free_params))
   trained = np.asarray(trained_budgets)
-  # An injected or scheduled ε gave float32 budgets, which can be one lower.
-  as_traced = layout.concrete_budgets(float(fraction_of_free_params), np.float32)
-  if budgets.shape != trained.shape or not (
-    np.array_equal(budgets, trained) or np.array_equal(as_traced, trained)
-  ):
-    raise SubsetError(
-      f"ε = {fraction_of_free_params!r} with silos {silos_description(silos)} and this mask "
-      f"gives {budgets.size} silos with {int(budgets.sum())} free coordinates in all, but the "
-      f"DST state's last step had {trained.size} silos with {int(trained.sum())}: pass the "
-      "ε, silos and mask of training (or extract against the seed directly to choose "
-      "another budget)"
-    )
+  for fraction in (float(fraction_of_free_params), np.float32(fraction_of_free_params)):
+    budgets = layout.concrete_budgets(fraction, type(fraction))
+    if budgets.shape == trained.shape and np.array_equal(budgets, trained):
+      return fraction
+  budgets = layout.concrete_budgets(float(fraction_of_free_params))
+  raise SubsetError(
+    f"ε = {fraction_of_free_params!r} with silos {silos_description(silos)} and this mask "
+    f"gives {budgets.size} silos with {int(budgets.sum())} free coordinates in all, but the "
+    f"DST state's last step had {trained.size} silos with {int(trained.sum())}: pass the "
+    "ε, silos and mask of training (or extract against the seed directly to choose "
+    "another budget)"
+  )
 
 
 def extract_subset_from_state(
@@ -475,5 +486,8 @@ def extract_subset_from_state(
       "the DST state has taken no step yet, so it holds no seed (the seed is captured at "
       "the first update)"
     )
-  check_training_state(params, state.seed, state.budget, fraction_of_free_params, silos, mask)
-  return extract_subset(state.seed, params, fraction_of_free_params, silos, distance, mask)
+  fraction = check_training_state(
+    params, state.seed, state.budget, fraction_of_free_params, silos, mask
+  )
+  subset = extract_subset(state.seed, params, fraction, silos, distance, mask)
+  return subset._replace(fraction_of_free_params=float(fraction_of_free_params))

@@ -74,7 +74,11 @@ class DynamicSubsetTuningState(NamedTuple):
 
 
 def _check_fraction(fraction_of_free_params: Fraction) -> None:
-  if callable(fraction_of_free_params) or isinstance(fraction_of_free_params, jax.core.Tracer):
+  """Checks a constant ε; an array ε (as injected) or a schedule's value is not
+  checked, concrete or traced alike, so that eager and jitted steps agree."""
+  if callable(fraction_of_free_params) or isinstance(
+    fraction_of_free_params, (jax.Array, jax.core.Tracer)
+  ):
     return
   value = np.asarray(fraction_of_free_params)
   if value.shape != () or not np.issubdtype(value.dtype, np.number):

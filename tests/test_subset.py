@@ -253,6 +253,21 @@ def test_extract_from_state_needs_the_budgets_of_training():
       _subset_extract.extract_subset_from_state(params, state, fraction, silos, mask=mask)
 
 
+def test_extract_from_state_keeps_budgets_float32_made_one_higher():
+  """ε = 0.29 of 100 is 29 coordinates in float32 (training, injected) and 28 in float64."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 100)}
+  injected = optax.inject_hyperparams(dst_optax.dynamic_subset_tuning)
+  tx = optax.chain(optax.sgd(0.1), injected(fraction_of_free_params=0.29))
+  opt_state = tx.init(params)
+  updates, opt_state = jax.jit(tx.update)({"w": jnp.cos(params["w"] * 7)}, opt_state, params)
+  trained = optax.apply_updates(params, updates)
+  state = dst_optax.find_state(opt_state)
+  assert int(state.budget.sum()) == 29
+  subset = _subset_extract.extract_subset_from_state(trained, state, 0.29)
+  assert subset.tensors["w"].num_changed == 29 and subset.fraction_of_free_params == 0.29
+  assert_trees_bitwise_equal(_subset.apply_subset(state.seed, subset), trained)
+
+
 def test_extract_from_a_partial_state_points_to_the_full_seed():
   """DST in one branch of ``optax.multi_transform`` holds no seed for the other branch."""
   seed, _ = make_model(np.random.default_rng(4), np.float32)

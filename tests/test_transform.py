@@ -361,6 +361,38 @@ def test_inject_hyperparams_fraction_and_schedule():
   assert int(dst_optax.subset_stats(sched_state)["budget"]) == 6 + 0 + 1
 
 
+def test_array_fractions_give_the_same_budgets_eager_and_jitted():
+  """An injected or scheduled ε is evaluated in float32 whether or not the step is jitted."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 100)}
+  grads = {"w": jnp.cos(jnp.arange(100.0))}
+  inject = optax.inject_hyperparams(
+    lambda fraction: optax.chain(optax.sgd(0.1), dst_optax.dynamic_subset_tuning(fraction))
+  )
+  cases = {
+    # 0.29 · 100: 28 in float64 (0.29 lies below 29/100 in binary), 29 in float32.
+    "injected 0.29": (inject(fraction=0.29), [29] * 3),
+    "warm-up from 0": (inject(fraction=optax.linear_schedule(0.0, 0.1, 2)), [0, 5, 10]),
+    "negative schedule": (
+      dst_optax.dynamic_subset_tuning(lambda count: count * 0.0 - 0.05),
+      [0] * 3,
+    ),
+  }
+  for name, (tx, want_budgets) in cases.items():
+    runs = []
+    for jit in (False, True):
+      init, update = (jax.jit(tx.init), jax.jit(tx.update)) if jit else (tx.init, tx.update)
+      state, trained, budgets = init(params), params, []
+      for _ in range(3):
+        updates, state = update(grads, state, trained)
+        trained = optax.apply_updates(trained, updates)
+        stats = dst_optax.subset_stats(state)
+        budgets.append(int(stats["budget"]))
+        assert int(stats["frozen_silos"]) == (budgets[-1] == 0), name
+      assert budgets == want_budgets, (name, jit)
+      runs.append(trained)
+    chex.assert_trees_all_equal(*runs)
+
+
 def test_masked_leaves_pass_through_and_optax_masked_composes():
   params = random_tree()
   tx = optax.chain(

@@ -133,8 +133,9 @@ def export_subset(
   silo_specs = _factory.resolve_silos(silos)
   mask = _factory.constrained_mask(unconstrained_patterns)
   dst_states = _stored_dst_states(finetuned)
+  fraction = fraction_of_free_params
   if len(dst_states) == 1:
-    _subset_extract.check_training_state(
+    fraction = _subset_extract.check_training_state(
       finetuned["target"],
       dst_states[0]["seed"],
       dst_states[0]["budget"],
@@ -148,10 +149,10 @@ def export_subset(
   subset = dst_optax.extract_subset(
     seed,
     finetuned["target"],
-    fraction_of_free_params,
+    fraction,
     silos=silo_specs,
     distance=distance,
     mask=mask,
-  )
+  )._replace(fraction_of_free_params=float(fraction_of_free_params))
   dst_optax.save_subset(subset, output)
   return subset
