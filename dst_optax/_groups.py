@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -63,8 +64,8 @@ def layer_groups(
   Layers ``0..L-1`` are split into ``num_groups`` consecutive groups whose sizes
   follow ``pattern`` (e.g. spindle with 12 layers and 4 groups: 2, 4, 4, 2). With
   ``allocation="uniform"`` each group gets the budget ``ε · N / G`` (``N`` all
-  grouped coordinates) via ``budget_scale = N / (G · N_g)``; with
-  ``"proportional"`` it gets ``ε · N_g``.
+  grouped floating-point coordinates, those DST constrains) via
+  ``budget_scale = N / (G · N_g)``; with ``"proportional"`` it gets ``ε · N_g``.
 
   Args:
     params: the parameter tree (arrays or shape structs).
@@ -98,10 +99,18 @@ def layer_groups(
   counts = _layers_per_group(len(present), _GROUP_WEIGHTS[pattern](num_groups))
   group_ids = np.repeat(np.arange(num_groups), counts)
   group_of_layer = {layer: int(group) for layer, group in zip(present, group_ids, strict=True)}
+  # Counted as DST counts them: leaves that are not floating-point pass through.
   group_sizes = [0] * num_groups
   for (_, leaf), layer in zip(leaves, layers, strict=True):
-    if layer is not None:
+    if layer is not None and jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       group_sizes[group_of_layer[layer]] += math.prod(np.shape(leaf))
+  for group, size in enumerate(group_sizes):
+    if size == 0:
+      members = [layer for layer in present if group_of_layer[layer] == group]
+      raise ValueError(
+        f"layer group {group} (layers {members}) has no floating-point coordinates to "
+        "constrain; use fewer groups or another pattern"
+      )
   total = sum(group_sizes)
 
   def spec_for(layer: int | None) -> SiloSpec:

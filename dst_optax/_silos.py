@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
@@ -273,8 +274,18 @@ def _mask_per_leaf(mask: Any, params: optax.Params) -> list[bool]:
 
 def _validate_scale(path: str, spec: SiloSpec) -> float:
   scale = spec.budget_scale
-  if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-    raise ValueError(f"budget_scale of the silo spec of leaf {path!r} must be > 0; got {scale!r}")
+  # NumPy and 0-d JAX numbers count; bools do not (as for ε).
+  if isinstance(scale, (bool, np.bool_)) or not (
+    isinstance(scale, numbers.Real)
+    or (isinstance(scale, (np.ndarray, jax.Array)) and scale.ndim == 0)
+  ):
+    raise TypeError(
+      f"budget_scale of the silo spec of leaf {path!r} must be a number; got {scale!r}"
+    )
+  if not (math.isfinite(float(scale)) and float(scale) > 0):
+    raise ValueError(
+      f"budget_scale of the silo spec of leaf {path!r} must be a finite number > 0; got {scale!r}"
+    )
   return float(scale)
 
 

@@ -35,7 +35,8 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     opt_state: the optimizer state containing one :class:`DynamicSubsetTuningState`.
 
   Returns:
-    A dict of scalars: ``changed`` (coordinates off the seed), ``budget`` (their
+    A dict of scalars (arrays of the batch shape for a state built under
+    ``jax.vmap``): ``changed`` (coordinates off the seed), ``budget`` (their
     maximum), ``entered`` / ``exited`` (subset churn since the previous step),
     ``churn`` ((entered + exited) / max(changed, 1)), ``frozen_silos`` (silos with a
     zero budget), ``search_passes`` (passes over Δ the last threshold search took,
@@ -45,7 +46,8 @@ def subset_stats(opt_state: Any) -> dict[str, jax.Array]:
     silos) and ``step``.
   """
   state = find_state(opt_state)
-  total = lambda per_silo: jnp.sum(per_silo, dtype=jnp.int32)
+  # Over the silo axis only: a vmapped state (an ensemble) has a batch axis before it.
+  total = lambda per_silo: jnp.sum(per_silo, axis=-1, dtype=jnp.int32)
   changed = total(state.num_changed)
   entered = total(state.num_entered)
   exited = total(state.num_exited)

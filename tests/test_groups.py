@@ -37,6 +37,19 @@ def test_uniform_allocation_gives_every_group_the_same_budget():
   assert np.all(group_budgets == math.floor(0.1 * total / 4))
 
 
+def test_uniform_allocation_counts_only_the_coordinates_dst_constrains():
+  params = stack(4)
+  # Integer codes in one layer are not DST's to constrain: they must not shrink its budget.
+  params["layers"]["layers_0"]["codes"] = jnp.zeros(64, jnp.int8)
+  specs = dst_optax.layer_groups(params, num_groups=2, pattern="uniform")
+  layout = dst_optax._silos.build_layout(params, specs)
+  assert layout.concrete_budgets(0.25).tolist()[1:] == [8, 8]
+  params["layers"]["layers_3"]["kernel"] = jnp.ones((0, 4))
+  params["layers"]["layers_2"]["kernel"] = jnp.ones((0, 4))
+  with pytest.raises(ValueError, match=r"layer group 1 \(layers \[2, 3\]\) has no floating"):
+    dst_optax.layer_groups(params, num_groups=2, pattern="uniform")
+
+
 @pytest.mark.parametrize(
   ("pattern", "counts"),
   [("uniform", [3, 3, 3, 3]), ("bottleneck", [4, 2, 2, 4]), ("increasing", [1, 2, 4, 5])],

@@ -57,8 +57,17 @@ def test_group_scale_conflict_and_bad_scale_name_the_leaf():
   }
   with pytest.raises(ValueError, match="leaf 'b' puts budget_scale=2.0 on group 'g'"):
     _silos.build_layout(PARAMS, specs)
-  with pytest.raises(ValueError, match="leaf 'a' must be > 0"):
-    _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=-1.0))
+  for scale in (-1.0, 0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="leaf 'a' must be a finite number > 0"):
+      _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=scale))
+  for scale in (True, "2", np.ones(2)):
+    with pytest.raises(TypeError, match="leaf 'a' must be a number"):
+      _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=scale))
+  # NumPy and JAX numbers are numbers.
+  want = _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=0.5)).budget_scales
+  for scale in (np.float32(0.5), jnp.float32(0.5), np.asarray(0.5)):
+    have = _silos.build_layout(PARAMS, dst_optax.PerTensor(budget_scale=scale)).budget_scales
+    np.testing.assert_array_equal(have, want)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])

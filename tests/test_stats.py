@@ -1,5 +1,6 @@
 """Tests of subset statistics."""
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -27,6 +28,17 @@ def test_stats_found_inside_wrappers():
     "search_passes": 4,
   }
   assert float(stats["churn"]) == 1.0
+
+
+def test_stats_of_a_vmapped_state_are_per_member():
+  tx = dst_optax.dynamic_subset_tuning(0.25)
+  params = {"w": jnp.stack([jnp.ones((4, 4))] * 3)}
+  grads = {"w": jnp.arange(48.0).reshape(3, 4, 4) * jnp.array([1.0, 0.0, -1.0])[:, None, None]}
+  state = jax.vmap(tx.init)(params)
+  _, state = jax.vmap(tx.update)(grads, state, params)
+  stats = dst_optax.subset_stats(state)
+  assert {k: v.shape for k, v in stats.items()} == dict.fromkeys(stats, (3,))
+  assert stats["changed"].tolist() == [4, 0, 4] and stats["budget"].tolist() == [4, 4, 4]
 
 
 def test_find_state_errors():
