@@ -370,7 +370,7 @@ def _narrow(search: _Search, at_least: jax.Array, budgets: jax.Array, shift: jax
   )
 
 
-def _explicitly_sharded(array: jax.Array) -> bool:
+def explicitly_sharded(array: jax.Array) -> bool:
   """Whether ``array`` is sharded over explicit mesh axes (``jax.set_mesh``), whose
   operations must spell out the shardings they cannot infer."""
   mesh = jax.typeof(array).sharding.mesh
@@ -380,7 +380,7 @@ def _explicitly_sharded(array: jax.Array) -> bool:
 def _replicated(array: jax.Array) -> jax.Array:
   """Per-silo values summed from sharded leaves, replicated like the rest of the
   per-silo state (under explicit sharding they keep the leaf's silo-axis sharding)."""
-  if not _explicitly_sharded(array):
+  if not explicitly_sharded(array):
     return array
   return jax.sharding.reshard(
     array, jax.typeof(array).sharding.update(spec=jax.sharding.PartitionSpec())
@@ -391,7 +391,7 @@ def _take_slices(array: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
   """``jnp.take(array, indices, axis)`` (clipped), under explicit sharding too,
   where the output sharding is the array's, replicated along ``axis``."""
   out_sharding = None
-  if _explicitly_sharded(array):
+  if explicitly_sharded(array):
     sharding = jax.typeof(array).sharding
     spec = [*sharding.spec, *[None] * (array.ndim - len(sharding.spec))]
     spec[axis] = None

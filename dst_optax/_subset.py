@@ -36,8 +36,10 @@ import ml_dtypes
 import numpy as np
 import optax
 import safetensors.numpy
+from jax.sharding import PartitionSpec
 
 from dst_optax import _distances, _silos
+from dst_optax._selection import explicitly_sharded
 
 # safetensors dtype codes that dst_optax reads (NumPy has no float8 types to read into).
 SAFETENSORS_DTYPES = {
@@ -386,18 +388,34 @@ def _at_flat(leaf: jax.Array, flat_indices: Any) -> Any:
   return leaf.at[(flat_indices, *reversed(coordinates))]
 
 
+def _get_flat(leaf: jax.Array, flat_indices: Any, **options: Any) -> jax.Array:
+  """The values of a device array at flat indices, gathered where it lives."""
+  sharding = jax.typeof(leaf).sharding
+  # Explicit mesh axes want every gather's output sharding spelled out: replicated.
+  replicated = sharding.update(spec=PartitionSpec()) if explicitly_sharded(leaf) else None
+  return _at_flat(leaf, flat_indices).get(out_sharding=replicated, **options)
+
+
+def _set_flat(leaf: jax.Array, flat_indices: Any, values: Any, **options: Any) -> jax.Array:
+  """A device array with ``values`` at flat indices, laid out as it was."""
+  sharding = jax.typeof(leaf).sharding if explicitly_sharded(leaf) else None
+  return (
+    _at_flat(leaf, flat_indices).set(values, out_sharding=sharding, **options).reshape(leaf.shape)
+  )
+
+
 def _gather(leaf: Any, indices: np.ndarray) -> Any:
   """The values of ``leaf`` at flat ``indices``, gathered where the leaf lives
   (so that only those coordinates of a device array reach the host)."""
   if isinstance(leaf, jax.Array):
-    return _at_flat(leaf, indices).get()
+    return _get_flat(leaf, indices)
   return np.asarray(leaf).reshape(-1)[indices]
 
 
 def _scatter(leaf: Any, indices: np.ndarray, values: Any) -> Any:
   """A copy of ``leaf`` with ``values`` at the flat ``indices`` (NumPy or JAX, as given)."""
   if isinstance(leaf, jax.Array):
-    return _at_flat(leaf, indices).set(values).reshape(leaf.shape)
+    return _set_flat(leaf, indices, values)
   patched = np.array(leaf, copy=True)
   patched.reshape(-1)[indices] = values
   return patched
@@ -676,9 +694,9 @@ def _switch_leaf(
     # The old task replaced the whole leaf (a dense tensor): start from the seed.
     leaf = seed_leaf.astype(leaf.dtype)
   elif old is not None:
-    seed_values = _at_flat(seed_leaf, old.indices).get(mode="fill", fill_value=0)
-    leaf = _at_flat(leaf, old.indices).set(seed_values, mode="drop").reshape(leaf.shape)
-  return _at_flat(leaf, new.indices).set(new.values, mode="drop").reshape(leaf.shape)
+    seed_values = _get_flat(seed_leaf, old.indices, mode="fill", fill_value=0)
+    leaf = _set_flat(leaf, old.indices, seed_values, mode="drop")
+  return _set_flat(leaf, new.indices, new.values, mode="drop")
 
 
 def _switch_tree(params, seed, old, new):

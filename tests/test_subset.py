@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import chex
@@ -399,8 +400,17 @@ def test_switch_from_a_dense_tensor_to_a_sparse_one_starts_from_the_seed():
   assert_trees_bitwise_equal(served, _subset.apply_subset(seed, subset_b))
 
 
-def test_sharded_params_keep_their_sharding_through_apply_revert_and_switch():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_sharded_params_keep_their_sharding_through_apply_revert_and_switch(axis_type):
+  devices = np.array(jax.devices()[:8]).reshape(4, 2)
+  mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(axis_type,) * 2)
+  explicit = axis_type == jax.sharding.AxisType.Explicit
+  # Explicit axes (sharding in types) hold only inside a mesh context.
+  with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+    check_sharded_subset_round_trips(mesh)
+
+
+def check_sharded_subset_round_trips(mesh):
   rng = np.random.default_rng(12)
   seed, task_a = make_model(rng, np.float32)
   _, task_b = make_model(rng, np.float32)
