@@ -390,12 +390,12 @@ def _replicated(array: jax.Array) -> jax.Array:
 def _take_slices(array: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
   """``jnp.take(array, indices, axis)`` (clipped), under explicit sharding too,
   where the output sharding is the array's, replicated along ``axis``."""
-  out_sharding = None
-  if explicitly_sharded(array):
-    sharding = jax.typeof(array).sharding
-    spec = [*sharding.spec, *[None] * (array.ndim - len(sharding.spec))]
-    spec[axis] = None
-    out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*spec))
+  if not explicitly_sharded(array):
+    return jnp.take(array, indices, axis=axis, mode="clip")
+  sharding = jax.typeof(array).sharding
+  spec = [*sharding.spec, *[None] * (array.ndim - len(sharding.spec))]
+  spec[axis] = None
+  out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*spec))
   index = (slice(None),) * axis + (indices,)
   return array.at[index].get(mode="clip", out_sharding=out_sharding)
 
