@@ -390,18 +390,17 @@ def _at_flat(leaf: jax.Array, flat_indices: Any) -> Any:
 
 def _get_flat(leaf: jax.Array, flat_indices: Any, **options: Any) -> jax.Array:
   """The values of a device array at flat indices, gathered where it lives."""
-  sharding = jax.typeof(leaf).sharding
-  # Explicit mesh axes want every gather's output sharding spelled out: replicated.
-  replicated = sharding.update(spec=PartitionSpec()) if explicitly_sharded(leaf) else None
-  return _at_flat(leaf, flat_indices).get(out_sharding=replicated, **options)
+  if explicitly_sharded(leaf):
+    # Explicit mesh axes want every gather's output sharding spelled out: replicated.
+    options["out_sharding"] = jax.typeof(leaf).sharding.update(spec=PartitionSpec())
+  return _at_flat(leaf, flat_indices).get(**options)
 
 
 def _set_flat(leaf: jax.Array, flat_indices: Any, values: Any, **options: Any) -> jax.Array:
   """A device array with ``values`` at flat indices, laid out as it was."""
-  sharding = jax.typeof(leaf).sharding if explicitly_sharded(leaf) else None
-  return (
-    _at_flat(leaf, flat_indices).set(values, out_sharding=sharding, **options).reshape(leaf.shape)
-  )
+  if explicitly_sharded(leaf):
+    options["out_sharding"] = jax.typeof(leaf).sharding
+  return _at_flat(leaf, flat_indices).set(values, **options).reshape(leaf.shape)
 
 
 def _gather(leaf: Any, indices: np.ndarray) -> Any:

@@ -193,22 +193,31 @@ def test_compose_matches_tensors_by_path_whatever_their_order(tmp_path):
     dst_optax.compose_subsets([from_files, dst_optax.extract_subset(seed, task_a, 0.25)])
 
 
-def test_params_files_hold_only_dtypes_they_can_read_back(tmp_path):
+def test_params_files_of_complex_leaves_round_trip(tmp_path):
   params = {
     "w": np.ones((2, 3), np.float32),
     "phase": np.exp(1j * np.arange(3)).astype(np.complex64),
   }
-  _subset_extract.save_params(params, tmp_path / "complex.safetensors")
+  try:
+    _subset_extract.save_params(params, tmp_path / "complex.safetensors")
+  except _subset.SubsetError as error:
+    # Older safetensors releases (0.4.1) cannot write complex64: a clear error, then.
+    assert "cannot write" in str(error) and "complex64" in str(error)
+    pytest.skip(f"this safetensors cannot write complex64 ({error})")
   loaded = _subset_extract.load_params(
     _subset_extract.safetensors_source(tmp_path / "complex.safetensors")
   )
   np.testing.assert_array_equal(loaded["phase"], params["phase"])
+
+
+def test_files_hold_only_dtypes_they_can_read_back(tmp_path):
+  params = {"w": np.ones((2, 3), np.float32), "flags": np.ones(3, bool)}
   narrow = {**params, "scales": np.ones(4, ml_dtypes.float8_e4m3fn)}
   with pytest.raises(_subset.SubsetError, match="tensor 'scales' has dtype float8_e4m3fn"):
     _subset_extract.save_params(narrow, tmp_path / "narrow.safetensors")
   assert not (tmp_path / "narrow.safetensors").exists()
   subset = dst_optax.extract_subset(
-    narrow, narrow, 0.5, mask={"w": True, "phase": False, "scales": False}
+    narrow, narrow, 0.5, mask={"w": True, "flags": False, "scales": False}
   )
   with pytest.raises(_subset.SubsetError, match="tensor 'scales.values' has dtype float8_e4m3fn"):
     dst_optax.save_subset(subset, tmp_path / "narrow.subset")
