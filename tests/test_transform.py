@@ -370,11 +370,11 @@ def test_array_fractions_give_the_same_budgets_eager_and_jitted():
   )
   cases = {
     # 0.29 · 100: 28 in float64 (0.29 lies below 29/100 in binary), 29 in float32.
-    "injected 0.29": (inject(fraction=0.29), [29] * 3),
-    "warm-up from 0": (inject(fraction=optax.linear_schedule(0.0, 0.1, 2)), [0, 5, 10]),
+    "injected 0.29": (inject(fraction=0.29), [29] * 2),
+    "warm-up from 0": (inject(fraction=optax.linear_schedule(0.0, 0.1, 1)), [0, 10]),
     "negative schedule": (
       dst_optax.dynamic_subset_tuning(lambda count: count * 0.0 - 0.05),
-      [0] * 3,
+      [0] * 2,
     ),
   }
   for name, (tx, want_budgets) in cases.items():
@@ -382,7 +382,7 @@ def test_array_fractions_give_the_same_budgets_eager_and_jitted():
     for jit in (False, True):
       init, update = (jax.jit(tx.init), jax.jit(tx.update)) if jit else (tx.init, tx.update)
       state, trained, budgets = init(params), params, []
-      for _ in range(3):
+      for _ in range(2):
         updates, state = update(grads, state, trained)
         trained = optax.apply_updates(trained, updates)
         stats = dst_optax.subset_stats(state)
@@ -551,12 +551,13 @@ def test_sharded_run_equals_unsharded_and_state_follows_param_sharding(axis_type
     "a": jax.sharding.NamedSharding(mesh, spec("data", "model")),
     "b": jax.sharding.NamedSharding(mesh, spec("model")),
   }
-  for silos in (
-    dst_optax.PerTensor(),
-    dst_optax.Global(),
-    {"a": dst_optax.rows(), "b": dst_optax.PerTensor()},
-    {"a": dst_optax.columns(), "b": dst_optax.PerTensor()},
-  ):
+  # Explicit axes take their own paths for gathered slices and per-silo counts.
+  silo_specs = [dst_optax.Global(), {"a": dst_optax.rows(), "b": dst_optax.PerTensor()}]
+  if explicit:
+    silo_specs.append({"a": dst_optax.columns(), "b": dst_optax.PerTensor()})
+  else:
+    silo_specs.append(dst_optax.PerTensor())
+  for silos in silo_specs:
     tx = optax.chain(optax.adam(1e-2), dst_optax.dynamic_subset_tuning(0.05, silos=silos))
     grad_fn = lambda p, i: jax.tree.map(lambda x: jnp.cos(x * (i + 1)), p)
     want, want_state = train(tx, params, num_steps=3, grad_fn=grad_fn)
