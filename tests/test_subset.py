@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import chex
@@ -400,25 +399,9 @@ def test_switch_from_a_dense_tensor_to_a_sparse_one_starts_from_the_seed():
   assert_trees_bitwise_equal(served, _subset.apply_subset(seed, subset_b))
 
 
-@pytest.mark.parametrize(
-  "axis_type",
-  [
-    jax.sharding.AxisType.Auto,
-    pytest.param(
-      jax.sharding.AxisType.Explicit,
-      marks=pytest.mark.skipif(
-        not hasattr(jax, "set_mesh"), reason="explicit sharding needs jax.set_mesh"
-      ),
-    ),
-  ],
-)
-def test_sharded_params_keep_their_sharding_through_apply_revert_and_switch(axis_type):
-  devices = np.array(jax.devices()[:8]).reshape(4, 2)
-  mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(axis_type,) * 2)
-  explicit = axis_type == jax.sharding.AxisType.Explicit
-  # Explicit axes (sharding in types) hold only inside a mesh context.
-  with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
-    check_sharded_subset_round_trips(mesh)
+def test_sharded_params_keep_their_sharding_through_apply_revert_and_switch(mesh_case):
+  with mesh_case.context():
+    check_sharded_subset_round_trips(mesh_case.mesh)
 
 
 def check_sharded_subset_round_trips(mesh):

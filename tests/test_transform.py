@@ -527,24 +527,8 @@ def test_flax_linen_and_nnx_parameter_trees():
   assert 0 < changed_count(after, before) <= 6 + 1
 
 
-@pytest.mark.parametrize(
-  "axis_type",
-  [
-    jax.sharding.AxisType.Auto,
-    pytest.param(
-      jax.sharding.AxisType.Explicit,
-      marks=pytest.mark.skipif(
-        not hasattr(jax, "set_mesh"), reason="explicit sharding needs jax.set_mesh"
-      ),
-    ),
-  ],
-)
-def test_sharded_run_equals_unsharded_and_state_follows_param_sharding(axis_type):
-  devices = np.array(jax.devices()[:8]).reshape(4, 2)
-  mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(axis_type,) * 2)
-  # Explicit axes (sharding in types) hold only inside a mesh context.
-  explicit = axis_type == jax.sharding.AxisType.Explicit
-  in_mesh = lambda: jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
+def test_sharded_run_equals_unsharded_and_state_follows_param_sharding(mesh_case):
+  mesh, explicit, in_mesh = mesh_case
   spec = jax.sharding.PartitionSpec
   params = {"a": jax.random.normal(jax.random.PRNGKey(0), (64, 32)), "b": jnp.ones((32,))}
   shardings = {
